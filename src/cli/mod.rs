@@ -1,20 +1,55 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
-use clap::{Parser, Subcommand};
+mod backbone_cmds;
+
+pub use backbone_cmds::top_logits;
+
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "memgen", version, about = "MemGen: generative latent memory for LLM agents, on Candle")]
+#[command(
+    name = "memgen",
+    version,
+    about = "MemGen: generative latent memory for LLM agents, on Candle"
+)]
 pub struct Cli {
+    /// Worker threads for matrix kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Generate text from a prompt with the plain backbone (streams to stdout).
+    Generate(backbone_cmds::GenerateArgs),
+    /// Print token ids and the top-k logits at every position (parity checks against other stacks).
+    Score(backbone_cmds::ScoreArgs),
+}
+
+/// Options every model-loading command shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face model directory, a hub repo id, or `default` / `qwen`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype for the frozen weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
 
 /// Parse arguments, run, and turn any error into one line on stderr and a non-zero exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Candle's CPU kernels size their thread pools from these variables on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
     init_tracing();
     match run(cli) {
         Ok(()) => 0,
@@ -26,7 +61,10 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Generate(a) => backbone_cmds::generate(a),
+        Command::Score(a) => backbone_cmds::score(a),
+    }
 }
 
 /// The error and its causes on one line: "outer: inner: root".

@@ -1,0 +1,415 @@
+//! The decoder: Qwen2 / LLaMA blocks over input embeddings, with explicit attention mask, position
+//! ids, an optional KV cache and optional LoRA adapters. One forward serves inference (fast fused
+//! ops) and training (ops with a backward pass); both compute the same function.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::Rng;
+
+use super::lora::{LoraSet, Target};
+use super::ops;
+use super::weights::BaseWeights;
+use super::Config;
+
+/// How a forward pass runs.
+pub enum Mode<'a> {
+    /// No gradients needed: fused kernels, no dropout.
+    Infer,
+    /// Differentiable ops, no dropout (gradient checks, scoring under a gradient).
+    Grad,
+    /// Differentiable ops with LoRA dropout drawn from this (seeded) RNG.
+    Train(&'a mut rand::rngs::StdRng),
+}
+
+impl Mode<'_> {
+    fn grad(&self) -> bool {
+        !matches!(self, Mode::Infer)
+    }
+}
+
+/// A decoder backbone: shared frozen weights plus this instance's own LoRA adapters.
+#[derive(Clone)]
+pub struct Backbone {
+    pub weights: Arc<BaseWeights>,
+    pub lora: LoraSet,
+}
+
+/// Per-layer keys and values of everything seen so far, in preallocated buffers that grow by
+/// doubling so decoding appends in place instead of copying the whole cache every token.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Attention mask of the cached positions, one row per sequence (1 = attend, 0 = padding).
+    mask: Vec<Vec<u8>>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; num_layers],
+            mask: vec![Vec::new(); batch],
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.mask.len()
+    }
+
+    pub fn mask(&self) -> &[Vec<u8>] {
+        &self.mask
+    }
+
+    /// Forget everything after the first `len` positions (e.g. the weaver's query latents).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self.len = len;
+            for m in &mut self.mask {
+                m.truncate(len);
+            }
+        }
+    }
+
+    /// Keep only the given rows (sequences), in that order.
+    pub fn select_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        let dev_rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let idx = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                t.device(),
+            )?;
+            t.index_select(&idx, 0)
+        };
+        for l in self.layers.iter_mut().flatten() {
+            *l = (dev_rows(&l.0)?, dev_rows(&l.1)?);
+        }
+        self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
+        Ok(())
+    }
+
+    /// Make room for `total` positions in every layer (amortised doubling; copies only on growth).
+    fn reserve(&mut self, total: usize) -> candle_core::Result<()> {
+        if total <= self.cap {
+            return Ok(());
+        }
+        let cap = total.max(64).next_power_of_two().max(self.cap * 2);
+        for (ck, cv) in self.layers.iter_mut().flatten() {
+            let (b, kv, _, hd) = ck.dims4()?;
+            let nk = Tensor::zeros((b, kv, cap, hd), ck.dtype(), ck.device())?;
+            let nv = Tensor::zeros((b, kv, cap, hd), cv.dtype(), cv.device())?;
+            if self.len > 0 {
+                nk.slice_set(&ck.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&cv.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            *ck = nk;
+            *cv = nv;
+        }
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// Write this step's k/v (B × KV × L × D) for `layer` after the cached ones; returns views of
+    /// all keys and values so far.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let l = k.dim(2)?;
+        let total = self.len + l;
+        if self.layers[layer].is_none() {
+            let (b, kv, _, hd) = k.dims4()?;
+            let z = || Tensor::zeros((b, kv, self.cap, hd), k.dtype(), k.device());
+            self.layers[layer] = Some((z()?, z()?));
+        }
+        let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((ck.narrow(2, 0, total)?, cv.narrow(2, 0, total)?))
+    }
+}
+
+/// Additive attention bias (B × 1 × 1 × L × T) for L new queries after `past` cached positions:
+/// causal by sequence index, and masked wherever the key is padding.
+fn attention_bias(
+    full_mask: &[Vec<u8>],
+    past: usize,
+    l: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let b = full_mask.len();
+    let t = past + l;
+    let neg = f32::MIN;
+    let mut v = vec![neg; b * l * t];
+    for (bi, row) in full_mask.iter().enumerate() {
+        for i in 0..l {
+            let base = (bi * l + i) * t;
+            for j in 0..=past + i {
+                if row[j] != 0 {
+                    v[base + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, 1, l, t), device)
+}
+
+impl Backbone {
+    pub fn new(weights: Arc<BaseWeights>) -> Backbone {
+        Backbone {
+            weights,
+            lora: LoraSet::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.weights.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.weights.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.weights.config.hidden_size
+    }
+
+    /// (out, in) of a projection, for sizing adapters.
+    pub fn proj_dims(&self, t: Target) -> (usize, usize) {
+        let c = self.config();
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        match t {
+            Target::Q => (q, d),
+            Target::K | Target::V => (kv, d),
+            Target::O => (d, q),
+            Target::Gate | Target::Up => (i, d),
+            Target::Down => (d, i),
+        }
+    }
+
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.config().num_hidden_layers, batch)
+    }
+
+    /// Token embeddings (B × L × d) from the frozen table; they carry no gradient.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        self.weights
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, l, self.hidden_size()))
+    }
+
+    /// Logits (… × vocab) from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        ops::frozen_linear(hidden, &self.weights.lm_head, None)
+    }
+
+    /// Run the decoder over new input embeddings `x` (B × L × d) with attention mask `mask` for
+    /// those positions (B × L, 1 = real, 0 = padding) and position ids `positions` (B × L, u32).
+    /// With a cache, the new positions attend to everything cached and are appended to it.
+    /// Returns the final hidden states after the final norm (B × L × d).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &[Vec<u8>],
+        positions: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.config();
+        let (b, l, _) = x.dims3()?;
+        if mask.len() != b || mask.iter().any(|r| r.len() != l) {
+            candle_core::bail!("attention mask must be {b} rows of {l}");
+        }
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let full_mask: Vec<Vec<u8>> = match cache.as_ref() {
+            Some(cache) => {
+                if cache.batch() != b {
+                    candle_core::bail!("cache holds {} rows, input has {b}", cache.batch());
+                }
+                cache
+                    .mask
+                    .iter()
+                    .zip(mask)
+                    .map(|(p, n)| p.iter().chain(n.iter()).copied().collect())
+                    .collect()
+            }
+            None => mask.to_vec(),
+        };
+        let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
+        let (cos, sin) = ops::rope_tables(positions, c.head_dim, c.rope_theta)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.reserve(past + l)?;
+        }
+        let mut h = x.clone();
+        for li in 0..c.num_hidden_layers {
+            h = self.block(li, &h, &bias, &cos, &sin, cache.as_deref_mut(), mode)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += l;
+            cache.mask = full_mask;
+        }
+        self.norm(&h, &self.weights.norm, mode)
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+        let eps = self.config().rms_norm_eps;
+        if mode.grad() {
+            ops::rms_norm(x, w, eps)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+        }
+    }
+
+    /// A frozen projection plus its LoRA adapter, if any.
+    fn proj(
+        &self,
+        li: usize,
+        t: Target,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let y = ops::frozen_linear(x, w, bias)?;
+        let Some(lora) = self.lora.get(li, t) else {
+            return Ok(y);
+        };
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap();
+        let n = x.elem_count() / k;
+        let mut x2 = x.contiguous()?.reshape((n, k))?;
+        if let Mode::Train(rng) = mode {
+            if lora.dropout > 0.0 {
+                let keep = 1.0 - lora.dropout;
+                let m: Vec<f32> = (0..n * k)
+                    .map(|_| {
+                        if rng.random::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let m = Tensor::from_vec(m, (n, k), x.device())?.to_dtype(x.dtype())?;
+                x2 = (x2 * m)?;
+            }
+        }
+        let a = lora.a.as_tensor().to_dtype(x.dtype())?;
+        let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
+        let delta = x2.matmul(&a.t()?)?.matmul(&bm.t()?)?;
+        let delta = (delta * lora.scale)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = w.dim(0)?;
+        y + delta.reshape(out)?
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        li: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.config();
+        let w = &self.weights.layers[li];
+        let (b, l, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = nh / nkv;
+
+        let h = self.norm(x, &w.input_layernorm, mode)?;
+        let q = self.proj(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref(), mode)?;
+        let k = self.proj(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref(), mode)?;
+        let v = self.proj(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref(), mode)?;
+        let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::apply_rope(&q, cos, sin)?;
+        let k = ops::apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(li, &k, &v)?,
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        // Grouped-query attention without copying k/v: the `rep` query heads that share a kv head
+        // are stacked along the row axis (head h uses kv head h / rep, as HF's repeat_kv does).
+        let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, nkv, rep, l, t))?.broadcast_add(bias)?;
+        let probs = if mode.grad() {
+            ops::softmax_last(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let attn = probs.reshape((b, nkv, rep * l, t))?.matmul(&v)?;
+        let attn = attn
+            .reshape((b, nh, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * hd))?;
+        let o = self.proj(li, Target::O, &attn, &w.o_proj, None, mode)?;
+        let x = (x + o)?;
+
+        let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
+        let gate = self.proj(li, Target::Gate, &h, &w.gate_proj, None, mode)?;
+        let up = self.proj(li, Target::Up, &h, &w.up_proj, None, mode)?;
+        let act = (gate.silu()? * up)?;
+        let down = self.proj(li, Target::Down, &act, &w.down_proj, None, mode)?;
+        x + down
+    }
+}
+
+/// Position ids for a left-padded batch, as Hugging Face derives them: cumsum(mask) − 1, counted
+/// from `start[row]` (the number of real positions already cached for that row); padding gets 0.
+pub fn positions_from_mask(mask: &[Vec<u8>], start: &[u32]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .zip(start)
+        .map(|(row, &s)| {
+            let mut n = s;
+            row.iter()
+                .map(|&m| {
+                    if m != 0 {
+                        n += 1;
+                        n - 1
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub fn positions_tensor(pos: &[Vec<u32>], device: &Device) -> candle_core::Result<Tensor> {
+    let b = pos.len();
+    let l = pos.first().map(|r| r.len()).unwrap_or(0);
+    Tensor::from_vec(pos.concat(), (b, l), device)
+}
+
+/// Softmax over the last dimension of logits, in f32 (for log-probs and sampling).
+pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+}

@@ -1,0 +1,386 @@
+//! Frozen base weights: loaded once (dequantized to the compute dtype) and shared by every model
+//! instance that names the same checkpoint — reasoner, weaver and trigger hold one copy between them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Arch, Config};
+use super::BackboneError;
+
+/// One decoder block's frozen tensors, in Hugging Face layout (out × in).
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub q_proj: Tensor,
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    pub o_proj: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+}
+
+#[derive(Debug)]
+pub struct BaseWeights {
+    pub config: Config,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// The LM head; shares storage with `embed_tokens` when the checkpoint ties them.
+    pub lm_head: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+type Key = (PathBuf, String, String);
+
+fn registry() -> &'static Mutex<HashMap<Key, Weak<BaseWeights>>> {
+    static REG: OnceLock<Mutex<HashMap<Key, Weak<BaseWeights>>>> = OnceLock::new();
+    REG.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl BaseWeights {
+    /// Load (or reuse, when already in memory) the weights behind `path` — a `.gguf` file or a
+    /// Hugging Face model directory.
+    pub fn load_shared(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Arc<BaseWeights>, BackboneError> {
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let key = (canon, format!("{dtype:?}"), format!("{device:?}"));
+        let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = reg.get(&key).and_then(Weak::upgrade) {
+            return Ok(w);
+        }
+        let w = Arc::new(if path.is_dir() {
+            Self::from_hf_dir(path, dtype, device)?
+        } else {
+            Self::from_gguf(path, dtype, device)?
+        });
+        reg.insert(key, Arc::downgrade(&w));
+        Ok(w)
+    }
+
+    pub fn from_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self, BackboneError> {
+        let file = path.display().to_string();
+        let mut f = std::fs::File::open(path).map_err(|e| BackboneError::io(&file, e))?;
+        let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let ct = gguf_file::Content::read(&mut f)
+            .map_err(|e| BackboneError::format(&file, format!("not a readable GGUF file: {e}")))?;
+        let config = Config::from_gguf(&ct, &file)?;
+        config.validate(&file)?;
+        // A truncated download shows up as tensors that extend past the end of the file.
+        for (name, info) in ct.tensor_infos.iter() {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
+            let end = ct.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                return Err(BackboneError::format(
+                    &file,
+                    format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
+                ));
+            }
+        }
+        let mut load = |name: &str| -> Result<Tensor, BackboneError> {
+            let qt = ct
+                .tensor(&mut f, name, device)
+                .map_err(|e| BackboneError::format(&file, format!("tensor `{name}`: {e}")))?;
+            qt.dequantize(device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| BackboneError::format(&file, format!("dequantizing `{name}`: {e}")))
+        };
+        let embed_tokens = load("token_embd.weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let (h, kv, hd) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        for i in 0..config.num_hidden_layers {
+            let p = format!("blk.{i}");
+            let mut q = load(&format!("{p}.attn_q.weight"))?;
+            let mut k = load(&format!("{p}.attn_k.weight"))?;
+            if config.arch == Arch::Llama {
+                // llama.cpp stores llama's Q/K rows permuted for interleaved RoPE; undo it so the
+                // weights (and any LoRA on them) are in Hugging Face's layout.
+                q = unpermute_rows(&q, h, hd).map_err(|e| BackboneError::format(&file, e))?;
+                k = unpermute_rows(&k, kv, hd).map_err(|e| BackboneError::format(&file, e))?;
+            }
+            let bias = |n: &str, load: &mut dyn FnMut(&str) -> Result<Tensor, BackboneError>| {
+                let name = format!("{p}.{n}.bias");
+                if ct.tensor_infos.contains_key(&name) {
+                    load(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let q_bias = bias("attn_q", &mut load)?;
+            let k_bias = bias("attn_k", &mut load)?;
+            let v_bias = bias("attn_v", &mut load)?;
+            layers.push(LayerWeights {
+                q_proj: q,
+                k_proj: k,
+                v_proj: load(&format!("{p}.attn_v.weight"))?,
+                o_proj: load(&format!("{p}.attn_output.weight"))?,
+                q_bias,
+                k_bias,
+                v_bias,
+                gate_proj: load(&format!("{p}.ffn_gate.weight"))?,
+                up_proj: load(&format!("{p}.ffn_up.weight"))?,
+                down_proj: load(&format!("{p}.ffn_down.weight"))?,
+                input_layernorm: load(&format!("{p}.attn_norm.weight"))?,
+                post_attention_layernorm: load(&format!("{p}.ffn_norm.weight"))?,
+            });
+        }
+        let norm = load("output_norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            load("output.weight")?
+        };
+        let w = BaseWeights {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        };
+        w.check_shapes(&file)?;
+        Ok(w)
+    }
+
+    pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, BackboneError> {
+        let cfg_path = dir.join("config.json");
+        let cfg_file = cfg_path.display().to_string();
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| BackboneError::io(&cfg_file, e))?;
+        let config = Config::from_hf_json(&text, &cfg_file)?;
+        config.validate(&cfg_file)?;
+        let files = safetensors_files(dir)?;
+        let shown = files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // SAFETY: the files are opened read-only; memgen never writes to a checkpoint it has mapped.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                BackboneError::format(&shown, format!("not a readable safetensors file: {e}"))
+            })?;
+        let load = |name: &str| -> Result<Tensor, BackboneError> {
+            st.load(name, device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| BackboneError::format(&shown, format!("tensor `{name}`: {e}")))
+        };
+        let has = |name: &str| st.get(name).is_ok();
+        let embed_tokens = load("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let opt = |n: &str| -> Result<Option<Tensor>, BackboneError> {
+                let name = format!("{p}.{n}");
+                if has(&name) {
+                    load(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                q_proj: load(&format!("{p}.self_attn.q_proj.weight"))?,
+                k_proj: load(&format!("{p}.self_attn.k_proj.weight"))?,
+                v_proj: load(&format!("{p}.self_attn.v_proj.weight"))?,
+                o_proj: load(&format!("{p}.self_attn.o_proj.weight"))?,
+                q_bias: opt("self_attn.q_proj.bias")?,
+                k_bias: opt("self_attn.k_proj.bias")?,
+                v_bias: opt("self_attn.v_proj.bias")?,
+                gate_proj: load(&format!("{p}.mlp.gate_proj.weight"))?,
+                up_proj: load(&format!("{p}.mlp.up_proj.weight"))?,
+                down_proj: load(&format!("{p}.mlp.down_proj.weight"))?,
+                input_layernorm: load(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: load(&format!("{p}.post_attention_layernorm.weight"))?,
+            });
+        }
+        let norm = load("model.norm.weight")?;
+        let lm_head = if has("lm_head.weight") && !config.tie_word_embeddings {
+            load("lm_head.weight")?
+        } else {
+            embed_tokens.clone()
+        };
+        let w = BaseWeights {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        };
+        w.check_shapes(&shown)?;
+        Ok(w)
+    }
+
+    /// Every tensor has the shape the config promises; a mismatch names the tensor.
+    fn check_shapes(&self, file: &str) -> Result<(), BackboneError> {
+        let c = &self.config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let qd = c.num_attention_heads * hd;
+        let kvd = c.num_key_value_heads * hd;
+        let want = |name: &str, t: &Tensor, shape: &[usize]| {
+            if t.dims() != shape {
+                Err(BackboneError::format(
+                    file,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        shape
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        want("embed_tokens", &self.embed_tokens, &[c.vocab_size, d])?;
+        want("lm_head", &self.lm_head, &[c.vocab_size, d])?;
+        want("norm", &self.norm, &[d])?;
+        for (i, l) in self.layers.iter().enumerate() {
+            want(&format!("layers.{i}.q_proj"), &l.q_proj, &[qd, d])?;
+            want(&format!("layers.{i}.k_proj"), &l.k_proj, &[kvd, d])?;
+            want(&format!("layers.{i}.v_proj"), &l.v_proj, &[kvd, d])?;
+            want(&format!("layers.{i}.o_proj"), &l.o_proj, &[d, qd])?;
+            want(
+                &format!("layers.{i}.gate_proj"),
+                &l.gate_proj,
+                &[c.intermediate_size, d],
+            )?;
+            want(
+                &format!("layers.{i}.up_proj"),
+                &l.up_proj,
+                &[c.intermediate_size, d],
+            )?;
+            want(
+                &format!("layers.{i}.down_proj"),
+                &l.down_proj,
+                &[d, c.intermediate_size],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Random weights for tests and benchmarks of the machinery (not of the language model).
+    pub fn random(config: Config, seed: u64, device: &Device) -> candle_core::Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut t = |shape: &[usize], scale: f32| -> candle_core::Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            Tensor::from_vec(v, shape, device)
+        };
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let qd = c.num_attention_heads * hd;
+        let kvd = c.num_key_value_heads * hd;
+        let s = 1.0 / (d as f32).sqrt();
+        let embed_tokens = t(&[c.vocab_size, d], 1.0)?;
+        let mut layers = vec![];
+        for _ in 0..c.num_hidden_layers {
+            let bias = c.attention_bias;
+            layers.push(LayerWeights {
+                q_proj: t(&[qd, d], s)?,
+                k_proj: t(&[kvd, d], s)?,
+                v_proj: t(&[kvd, d], s)?,
+                o_proj: t(&[d, qd], s)?,
+                q_bias: if bias { Some(t(&[qd], 0.1)?) } else { None },
+                k_bias: if bias { Some(t(&[kvd], 0.1)?) } else { None },
+                v_bias: if bias { Some(t(&[kvd], 0.1)?) } else { None },
+                gate_proj: t(&[c.intermediate_size, d], s)?,
+                up_proj: t(&[c.intermediate_size, d], s)?,
+                down_proj: t(
+                    &[d, c.intermediate_size],
+                    1.0 / (c.intermediate_size as f32).sqrt(),
+                )?,
+                input_layernorm: (t(&[d], 0.2)? + 1.0)?,
+                post_attention_layernorm: (t(&[d], 0.2)? + 1.0)?,
+            });
+        }
+        let norm = (t(&[d], 0.2)? + 1.0)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            t(&[c.vocab_size, d], s)?
+        };
+        Ok(BaseWeights {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype: DType::F32,
+            device: device.clone(),
+        })
+    }
+}
+
+/// Undo llama.cpp's Q/K row permutation: GGUF rows within each head are ordered
+/// (pair 0 elem 0, pair 0 elem 1, pair 1 elem 0, …); Hugging Face orders them (first halves, second halves).
+fn unpermute_rows(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor, String> {
+    let (out, inp) = w.dims2().map_err(|e| e.to_string())?;
+    if out != heads * head_dim {
+        return Err(format!(
+            "Q/K weight has {out} rows, expected {heads} heads x {head_dim}"
+        ));
+    }
+    w.reshape((heads, head_dim / 2, 2, inp))
+        .and_then(|t| t.transpose(1, 2))
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.reshape((out, inp)))
+        .map_err(|e| e.to_string())
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, BackboneError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let file = index.display().to_string();
+    if !index.is_file() {
+        return Err(BackboneError::format(
+            &dir.display().to_string(),
+            "no model.safetensors or model.safetensors.index.json in the model directory",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| BackboneError::io(&file, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| BackboneError::format(&file, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| BackboneError::format(&file, "missing `weight_map`"))?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect();
+    names.sort();
+    names.dedup();
+    let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    for f in &files {
+        if !f.is_file() {
+            return Err(BackboneError::format(
+                &file,
+                format!("shard {} is missing", f.display()),
+            ));
+        }
+    }
+    Ok(files)
+}
