@@ -277,6 +277,75 @@ impl BaseWeights {
         Ok(())
     }
 
+    /// Write these weights as a Hugging Face model directory (`config.json` + `model.safetensors`,
+    /// f32 or the compute dtype), e.g. to hand a GGUF model to another stack.
+    pub fn save_hf_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let c = &self.config;
+        let mut t: Vec<(String, Tensor)> = vec![
+            (
+                "model.embed_tokens.weight".into(),
+                self.embed_tokens.clone(),
+            ),
+            ("model.norm.weight".into(), self.norm.clone()),
+        ];
+        if !c.tie_word_embeddings {
+            t.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mut put = |n: &str, x: &Tensor| t.push((format!("{p}.{n}"), x.clone()));
+            put("self_attn.q_proj.weight", &l.q_proj);
+            put("self_attn.k_proj.weight", &l.k_proj);
+            put("self_attn.v_proj.weight", &l.v_proj);
+            put("self_attn.o_proj.weight", &l.o_proj);
+            for (n, b) in [("q", &l.q_bias), ("k", &l.k_bias), ("v", &l.v_bias)] {
+                if let Some(b) = b {
+                    put(&format!("self_attn.{n}_proj.bias"), b);
+                }
+            }
+            put("mlp.gate_proj.weight", &l.gate_proj);
+            put("mlp.up_proj.weight", &l.up_proj);
+            put("mlp.down_proj.weight", &l.down_proj);
+            put("input_layernorm.weight", &l.input_layernorm);
+            put(
+                "post_attention_layernorm.weight",
+                &l.post_attention_layernorm,
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let map: HashMap<String, Tensor> = t.into_iter().collect();
+        let tmp = dir.join(".model.safetensors.tmp");
+        candle_core::safetensors::save(&map, &tmp)?;
+        std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+        let (model_type, arch) = match c.arch {
+            Arch::Llama => ("llama", "LlamaForCausalLM"),
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let cfg = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "attention_bias": c.attention_bias,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        crate::util::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+
     /// Random weights for tests and benchmarks of the machinery (not of the language model).
     pub fn random(config: Config, seed: u64, device: &Device) -> candle_core::Result<Self> {
         use rand::{Rng, SeedableRng};

@@ -116,7 +116,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 // Hold back an incomplete UTF-8 sequence until its last byte arrives.
                 if !s.ends_with('\u{FFFD}') && s.len() > printed {
                     let mut lock = stdout.lock();
-                    let _ = lock.write_all(s[printed..].as_bytes());
+                    let _ = lock.write_all(&s.as_bytes()[printed..]);
                     let _ = lock.flush();
                     printed = s.len();
                 }

@@ -71,12 +71,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let s = cause.to_string().replace('\n', " ");
+        let s = strip_backtrace(&cause.to_string()).replace('\n', " ");
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
     }
     parts.join(": ")
+}
+
+/// Candle errors can carry a captured backtrace in their message; a user needs only the message.
+fn strip_backtrace(s: &str) -> String {
+    let mut out = vec![];
+    for line in s.lines() {
+        if line.trim_start().starts_with("0: ") {
+            break;
+        }
+        out.push(line.trim_end());
+    }
+    out.join("\n").trim().to_string()
 }
 
 fn init_tracing() {

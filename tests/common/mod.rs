@@ -41,3 +41,43 @@ pub fn fixture(name: &str) -> serde_json::Value {
     )
     .unwrap()
 }
+
+use candle_core::{Device, Tensor};
+use memgen::backbone::{Arch, Backbone, BaseWeights, Config};
+
+/// A tiny randomly initialised decoder of either family, built in code.
+pub fn tiny_config(arch: Arch) -> Config {
+    Config {
+        arch,
+        vocab_size: 61,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: arch == Arch::Llama,
+        attention_bias: arch == Arch::Qwen2,
+    }
+}
+
+pub fn tiny(arch: Arch, seed: u64) -> Backbone {
+    let w = BaseWeights::random(tiny_config(arch), seed, &Device::Cpu).unwrap();
+    Backbone::new(std::sync::Arc::new(w))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

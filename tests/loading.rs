@@ -1,0 +1,185 @@
+//! Loading models from every supported source, and the one-line errors bad files produce.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use memgen::backbone::{self, Arch, BaseWeights};
+
+fn memgen(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_memgen"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Bad input: non-zero exit, exactly one line on stderr starting with `error:` that mentions `needle`.
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = memgen(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {err:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ],
+        "/nonexistent/model.gguf",
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let src = common::model("smollm2");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let p = bad.to_str().unwrap();
+    assert_one_line_error(&["score", "--model", p, "--text", "hi"], "truncated");
+    // A file cut inside the header.
+    std::fs::write(&bad, &bytes[..1000]).unwrap();
+    assert_one_line_error(&["score", "--model", p, "--text", "hi"], "cut.gguf");
+    // Not a GGUF at all.
+    std::fs::write(&bad, b"hello world, not a model").unwrap();
+    assert_one_line_error(&["score", "--model", p, "--text", "hi"], "cut.gguf");
+}
+
+/// A tiny random model saved as a Hugging Face directory, with SmolLM2's tokenizer.
+fn tiny_hf_dir(arch: Arch) -> (tempfile::TempDir, BaseWeights) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::tiny_config(arch);
+    cfg.vocab_size = 49152; // SmolLM2's tokenizer
+    let w = BaseWeights::random(cfg, 11, &Device::Cpu).unwrap();
+    w.save_hf_dir(dir.path()).unwrap();
+    let smol = backbone::load(&common::model("smollm2"), DType::F32, &Device::Cpu).unwrap();
+    smol.tokenizer
+        .inner
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    (dir, w)
+}
+
+#[test]
+fn hf_directory_loads_and_matches() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let (dir, w) = tiny_hf_dir(arch);
+        let m = backbone::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.backbone.config(), &w.config);
+        let d = common::max_abs_diff(&m.backbone.weights.layers[1].q_proj, &w.layers[1].q_proj);
+        assert_eq!(d, 0.0);
+        assert_eq!(m.tokenizer.encode("Hello world 123").unwrap().len(), 6);
+        let (code, out, err) = memgen(&[
+            "score",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--text",
+            "Hello",
+            "--top-k",
+            "3",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["top_logits"][0].as_array().unwrap().len(), 3);
+    }
+}
+
+#[test]
+fn bad_hf_directories() {
+    let (dir, _) = tiny_hf_dir(Arch::Qwen2);
+    let p = dir.path().to_str().unwrap().to_string();
+    let st = dir.path().join("model.safetensors");
+    let cfg = dir.path().join("config.json");
+    let good_cfg = std::fs::read_to_string(&cfg).unwrap();
+    // Missing field.
+    let mut v: serde_json::Value = serde_json::from_str(&good_cfg).unwrap();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "hidden_size");
+    // Unknown architecture.
+    let mut v: serde_json::Value = serde_json::from_str(&good_cfg).unwrap();
+    v["model_type"] = "gpt_neox".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "gpt_neox");
+    // Malformed JSON.
+    std::fs::write(&cfg, "{ not json").unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "config.json");
+    std::fs::write(&cfg, &good_cfg).unwrap();
+    // Truncated safetensors.
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(
+        &["score", "--model", &p, "--text", "hi"],
+        "model.safetensors",
+    );
+    std::fs::remove_file(&st).unwrap();
+    assert_one_line_error(
+        &["score", "--model", &p, "--text", "hi"],
+        "model.safetensors",
+    );
+}
+
+#[test]
+fn unknown_gguf_architecture_and_bad_device() {
+    assert_one_line_error(&["generate", "--device", "tpu", "--prompt", "x"], "tpu");
+    assert_one_line_error(&["generate", "--device", "cuda:0", "--prompt", "x"], "cuda");
+    assert_one_line_error(&["generate", "--dtype", "f8", "--prompt", "x"], "f8");
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "no-such-org/no-such-model",
+            "--prompt",
+            "x",
+        ],
+        "no-such-org/no-such-model",
+    );
+}
+
+#[test]
+fn generate_and_score_json() {
+    common::model("smollm2");
+    let (code, out, err) = memgen(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{out}");
+    let (code, out, _) = memgen(&["score", "--text", "<|im_start|>user\nhi", "--top-k", "4"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["token_ids"][0], 1,
+        "<|im_start|> must tokenize as the special token"
+    );
+    let top = v["top_logits"].as_array().unwrap();
+    assert_eq!(top.len(), v["token_ids"].as_array().unwrap().len());
+    let row = top[0].as_array().unwrap();
+    assert_eq!(row.len(), 4);
+    assert!(row[0][1].as_f64().unwrap() >= row[3][1].as_f64().unwrap());
+}
