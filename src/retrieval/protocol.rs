@@ -7,7 +7,7 @@
 
 use super::Passage;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The request body the client sends.
 #[derive(Debug, Clone, Serialize)]
@@ -66,26 +66,48 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest, String> {
     })
 }
 
-/// Build a response body (server side).
-pub fn response_json(results: &[Vec<Passage>], return_scores: bool) -> Value {
-    let result: Vec<Value> = results
+#[derive(Serialize)]
+struct Doc<'a> {
+    id: &'a str,
+    contents: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Item<'a> {
+    Scored { document: Doc<'a>, score: f32 },
+    Plain(Doc<'a>),
+}
+
+#[derive(Serialize)]
+struct Response<'a> {
+    result: Vec<Vec<Item<'a>>>,
+}
+
+/// Build a response body (server side); documents keep Search-R1's key order (`id`, `contents`).
+pub fn response_body(results: &[Vec<Passage>], return_scores: bool) -> Vec<u8> {
+    let result = results
         .iter()
         .map(|list| {
-            Value::Array(
-                list.iter()
-                    .map(|p| {
-                        let doc = json!({"id": p.id, "contents": p.contents});
-                        if return_scores {
-                            json!({"document": doc, "score": p.score.unwrap_or(0.0)})
-                        } else {
-                            doc
+            list.iter()
+                .map(|p| {
+                    let document = Doc {
+                        id: &p.id,
+                        contents: &p.contents,
+                    };
+                    if return_scores {
+                        Item::Scored {
+                            document,
+                            score: p.score.unwrap_or(0.0),
                         }
-                    })
-                    .collect(),
-            )
+                    } else {
+                        Item::Plain(document)
+                    }
+                })
+                .collect()
         })
         .collect();
-    json!({ "result": result })
+    serde_json::to_vec(&Response { result }).expect("serializing strings and floats cannot fail")
 }
 
 /// Parse a response body (client side), with or without scores. The error says where the shape
@@ -180,10 +202,15 @@ mod tests {
             score: Some(2.0),
         }]];
         for scores in [true, false] {
-            let body = serde_json::to_vec(&response_json(&ps, scores)).unwrap();
+            let body = response_body(&ps, scores);
             let back = parse_response(&body).unwrap();
             assert_eq!(back[0][0].contents, "\"A\"\nb");
             assert_eq!(back[0][0].score.is_some(), scores);
+            let text = String::from_utf8(body).unwrap();
+            assert!(
+                text.contains(r#"{"id":"1","contents":"\"A\"\nb"}"#),
+                "{text}"
+            );
         }
     }
 

@@ -3,7 +3,7 @@
 //! Bad requests get a 4xx with `{"error": "..."}`; nothing a client sends can take it down.
 
 use super::index::Bm25Index;
-use super::protocol::{parse_request, response_json};
+use super::protocol::{parse_request, response_body};
 use super::{Passage, RetrievalError, DEFAULT_TOPK};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -57,6 +57,12 @@ pub fn router(index: Arc<Bm25Index>, options: ServerOptions) -> Router {
     Router::new()
         .route("/retrieve", post(retrieve))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found; use POST /retrieve") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed; use POST /retrieve",
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -117,7 +123,11 @@ async fn retrieve(
     let queries = req.queries;
     let searched = tokio::task::spawn_blocking(move || search_all(&index, &queries, topk)).await;
     match searched {
-        Ok(Ok(results)) => Json(response_json(&results, req.return_scores)).into_response(),
+        Ok(Ok(results)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            response_body(&results, req.return_scores),
+        )
+            .into_response(),
         Ok(Err(e)) => {
             tracing::error!("search failed: {e}");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
