@@ -507,3 +507,26 @@ fn binary_reports_bad_input_on_one_line() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn equal_scores_keep_corpus_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("dups.jsonl");
+    let mut rows = String::new();
+    for id in ["b", "a", "d", "c"] {
+        rows.push_str(&format!(
+            "{{\"id\": \"{id}\", \"contents\": \"\\\"Twin\\\"\\nTwin peaks\"}}\n"
+        ));
+    }
+    std::fs::write(&corpus, rows).unwrap();
+    for _ in 0..2 {
+        let (index, _) = Bm25Index::open_or_build(&corpus, None, false).unwrap();
+        let ids: Vec<String> = index
+            .search("twin peaks", 4)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(ids, ["b", "a", "d", "c"]);
+    }
+}

@@ -30,7 +30,7 @@ const ANALYZER: &str = "memgen_en";
 const FORMAT_VERSION: u32 = 1;
 /// The manifest file inside an index directory.
 const MANIFEST: &str = "memgen-index.json";
-/// Indexing memory budget (split across writer threads).
+/// Indexing memory budget.
 const WRITER_HEAP: usize = 128 << 20;
 
 /// What an on-disk index was built from.
@@ -204,12 +204,10 @@ impl Bm25Index {
         std::fs::create_dir_all(dir).map_err(|e| index_err(dir, e))?;
         let index = Index::create_in_dir(dir, schema).map_err(|e| index_err(dir, e))?;
         index.tokenizers().register(ANALYZER, analyzer());
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 4);
+        // One indexing thread: documents keep corpus order, so equal BM25 scores break ties the
+        // same way on every build (reproducible retrieval across machines and rebuilds).
         let mut writer: tantivy::IndexWriter = index
-            .writer_with_num_threads(threads, WRITER_HEAP)
+            .writer_with_num_threads(1, WRITER_HEAP)
             .map_err(|e| index_err(dir, e))?;
 
         let path_str = corpus.display().to_string();
