@@ -6,9 +6,8 @@ use super::index::Bm25Index;
 use super::protocol::{parse_request, response_body};
 use super::{Passage, RetrievalError, DEFAULT_TOPK};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -74,20 +73,18 @@ fn too_large(limit: usize) -> Response {
     )
 }
 
-async fn retrieve(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    // Refuse a declared oversize body up front, before reading any of it.
-    let declared = headers
+async fn retrieve(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    // Refuse a declared oversize body up front, before reading any of it (the body extractor
+    // alone would read up to the limit first).
+    let declared = request
+        .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > state.options.max_body_bytes as u64) {
         return too_large(state.options.max_body_bytes);
     }
-    let body = match body {
+    let body = match Bytes::from_request(request, &()).await {
         Ok(b) => b,
         Err(rejection) => {
             let status = rejection.status();
