@@ -26,6 +26,8 @@ pub enum Command {
     Generate(backbone_cmds::GenerateArgs),
     /// Print token ids and the top-k logits at every position (parity checks against other stacks).
     Score(backbone_cmds::ScoreArgs),
+    /// Retrieval for the search tasks: a Search-R1 compatible BM25 server and client.
+    Retriever(crate::retrieval::cli::RetrieverArgs),
 }
 
 /// Options every model-loading command shares.
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => backbone_cmds::generate(a),
         Command::Score(a) => backbone_cmds::score(a),
+        Command::Retriever(args) => crate::retrieval::cli::run(args),
     }
 }
 
