@@ -120,19 +120,46 @@ impl KvCache {
     }
 
     /// Write this step's k/v (B × KV × L × D) for `layer` after the cached ones; returns views of
-    /// all keys and values so far.
+    /// all keys and values so far. With `grad`, the cache is extended by concatenation, which
+    /// keeps the autograd graph (training runs the weaver incrementally through its cache).
     fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
+        grad: bool,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let l = k.dim(2)?;
         let total = self.len + l;
-        if self.layers[layer].is_none() {
+        if grad {
+            let (nk, nv) = match &self.layers[layer] {
+                Some((ck, cv)) if self.len > 0 => (
+                    Tensor::cat(&[&ck.narrow(2, 0, self.len)?, k], 2)?,
+                    Tensor::cat(&[&cv.narrow(2, 0, self.len)?, v], 2)?,
+                ),
+                _ => (k.contiguous()?, v.contiguous()?),
+            };
+            self.layers[layer] = Some((nk.clone(), nv.clone()));
+            // Concatenated buffers are exactly full: the next in-place append must reallocate.
+            self.cap = total;
+            return Ok((nk, nv));
+        }
+        let needs_alloc = match &self.layers[layer] {
+            None => true,
+            Some((ck, _)) => ck.dim(2)? < total,
+        };
+        if needs_alloc {
             let (b, kv, _, hd) = k.dims4()?;
-            let z = || Tensor::zeros((b, kv, self.cap, hd), k.dtype(), k.device());
-            self.layers[layer] = Some((z()?, z()?));
+            let cap = self.cap.max(total);
+            let nk = Tensor::zeros((b, kv, cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, kv, cap, hd), k.dtype(), k.device())?;
+            if let Some((ok, ov)) = &self.layers[layer] {
+                if self.len > 0 {
+                    nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            self.layers[layer] = Some((nk, nv));
         }
         let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
@@ -259,7 +286,9 @@ impl Backbone {
         let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
         let (cos, sin) = ops::rope_tables(positions, c.head_dim, c.rope_theta)?;
         if let Some(cache) = cache.as_deref_mut() {
-            cache.reserve(past + l)?;
+            if !mode.grad() {
+                cache.reserve(past + l)?;
+            }
         }
         let mut h = x.clone();
         for li in 0..c.num_hidden_layers {
@@ -351,7 +380,7 @@ impl Backbone {
         let q = ops::apply_rope(&q, cos, sin)?;
         let k = ops::apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
-            Some(cache) => cache.append(li, &k, &v)?,
+            Some(cache) => cache.append(li, &k, &v, mode.grad())?,
             None => (k, v),
         };
         let t = k.dim(2)?;
