@@ -3,14 +3,21 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "memgen", version, about = "MemGen: generative latent memory for LLM agents, on Candle")]
+#[command(
+    name = "memgen",
+    version,
+    about = "MemGen: generative latent memory for LLM agents, on Candle"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Grade existing completions (an answers.jsonl) with a task's grader; print summary metrics.
+    Grade(crate::tasks::grade::GradeArgs),
+}
 
 /// Parse arguments, run, and turn any error into one line on stderr and a non-zero exit code.
 pub fn main() -> i32 {
@@ -26,7 +33,9 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Grade(args) => crate::tasks::grade::run_grade(&args),
+    }
 }
 
 /// The error and its causes on one line: "outer: inner: root".
