@@ -125,7 +125,9 @@ pub fn generate(rng: &mut SplitMix64) -> Problem {
                     cur = new;
                 }
                 _ => {
-                    let divisors: Vec<u64> = (2..=6).filter(|d| cur % d == 0 && cur > 0).collect();
+                    let divisors: Vec<u64> = (2..=6)
+                        .filter(|d| cur > 0 && cur.is_multiple_of(*d))
+                        .collect();
                     if divisors.is_empty() {
                         continue;
                     }

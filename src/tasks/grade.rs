@@ -170,7 +170,7 @@ pub struct GradeArgs {
 
 /// Run `memgen grade`: grade, write, print the summary as JSON on stdout.
 pub fn run_grade(args: &GradeArgs) -> anyhow::Result<()> {
-    if args.options.len() % 2 != 0 {
+    if !args.options.len().is_multiple_of(2) {
         anyhow::bail!("--options takes `key value` pairs; got an odd number of words");
     }
     let pairs: Vec<(String, String)> = args
