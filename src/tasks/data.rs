@@ -415,3 +415,56 @@ mod tests {
             .contains("unknown data format"));
     }
 }
+
+#[cfg(test)]
+mod parquet_tests {
+    use super::*;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+
+    /// A two-column parquet file as HF exports them (`question`, `answer` UTF-8 strings).
+    fn write_parquet(path: &Path, rows: &[(&str, &str)]) {
+        let schema = parquet::schema::parser::parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED BYTE_ARRAY answer (UTF8); }",
+        )
+        .unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        for col in 0..2 {
+            let mut c = group.next_column().unwrap().unwrap();
+            let values: Vec<ByteArray> = rows
+                .iter()
+                .map(|r| ByteArray::from(if col == 0 { r.0 } else { r.1 }))
+                .collect();
+            c.typed::<ByteArrayType>()
+                .write_batch(&values, None, None)
+                .unwrap();
+            c.close().unwrap();
+        }
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn reads_parquet() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train-00000-of-00001.parquet");
+        write_parquet(&p, &[("q1", "a\n#### 1"), ("q2", "b\n#### 2")]);
+        let rows = read_rows(&p).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].value["question"], "q2");
+        assert_eq!(rows[1].value["answer"], "b\n#### 2");
+        assert!(rows[1].location.ends_with("row 1"));
+        let mut cfg = TaskConfig::named("gsm8k");
+        cfg.test_path = Some(p);
+        let s = super::super::build_task(&cfg)
+            .unwrap()
+            .load(super::super::Split::Test)
+            .unwrap();
+        assert_eq!(s[0].target.as_deref(), Some("a\\boxed{1}"));
+    }
+}

@@ -16,6 +16,23 @@ pub const NO_PAGES: &str = "Cannot find corresponding pages.";
 /// Cuts an observation to the token budget (ending in `...` when it cut); plug in the tokenizer.
 pub type Truncate = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
+/// A [`Truncate`] from a tokenizer: texts longer than `max_tokens` tokens are cut to their first
+/// `max_tokens` tokens and end in `...`; shorter ones pass unchanged.
+pub fn token_truncator<E, D>(max_tokens: usize, encode: E, decode: D) -> Truncate
+where
+    E: Fn(&str) -> Vec<u32> + Send + Sync + 'static,
+    D: Fn(&[u32]) -> String + Send + Sync + 'static,
+{
+    Arc::new(move |s: &str| {
+        let ids = encode(s);
+        if ids.len() <= max_tokens {
+            s.to_string()
+        } else {
+            format!("{}...", decode(&ids[..max_tokens]))
+        }
+    })
+}
+
 /// What an assistant turn asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -294,6 +311,19 @@ mod tests {
             parse_action("<search>x <answer>a</answer>"),
             Action::Answer("a".into())
         );
+    }
+
+    #[test]
+    fn truncator() {
+        // A toy tokenizer: one token per character.
+        let t = token_truncator(
+            4,
+            |s: &str| s.chars().map(|c| c as u32).collect(),
+            |ids: &[u32]| ids.iter().filter_map(|&i| char::from_u32(i)).collect(),
+        );
+        assert_eq!(t("abc"), "abc");
+        assert_eq!(t("abcd"), "abcd");
+        assert_eq!(t("abcdef"), "abcd...");
     }
 
     #[test]
