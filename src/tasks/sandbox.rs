@@ -119,9 +119,17 @@ impl Sandbox {
     /// in the [`Outcome`], an `Err` means the sandbox itself could not run.
     pub fn run(&self, main: &str, files: &[(&str, &str)]) -> Result<Outcome> {
         let err = |what: &str, e: std::io::Error| TaskError::Sandbox(format!("{what}: {e}"));
+        let is_root = unsafe { libc::geteuid() } == 0;
+        // As root the code runs as another user, who must be able to reach the directory: use
+        // /tmp rather than a TMPDIR that may sit inside a private home.
+        let parent = if is_root && Path::new("/tmp").is_dir() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
         let dir = tempfile::Builder::new()
             .prefix("memgen-sandbox-")
-            .tempdir()
+            .tempdir_in(&parent)
             .map_err(|e| err("creating the scratch directory", e))?;
         write_file(&dir.path().join("main.py"), main).map_err(|e| err("writing main.py", e))?;
         for (name, text) in files {
@@ -131,7 +139,6 @@ impl Sandbox {
             write_file(&dir.path().join(name), text)
                 .map_err(|e| err(&format!("writing {name}"), e))?;
         }
-        let is_root = unsafe { libc::geteuid() } == 0;
         let uid = if is_root {
             // A fresh uid per run (start at a random offset so parallel evaluators rarely meet).
             let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
