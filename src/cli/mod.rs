@@ -28,6 +28,8 @@ pub enum Command {
     Score(backbone_cmds::ScoreArgs),
     /// Retrieval for the search tasks: a Search-R1 compatible BM25 server and client.
     Retriever(crate::retrieval::cli::RetrieverArgs),
+    /// Grade existing completions (an answers.jsonl) with a task's grader; print summary metrics.
+    Grade(crate::tasks::grade::GradeArgs),
 }
 
 /// Options every model-loading command shares.
@@ -67,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => backbone_cmds::generate(a),
         Command::Score(a) => backbone_cmds::score(a),
         Command::Retriever(args) => crate::retrieval::cli::run(args),
+        Command::Grade(args) => crate::tasks::grade::run_grade(&args),
     }
 }
 
