@@ -16,9 +16,16 @@ impl Init {
         }
     }
 
-    pub fn uniform(&mut self, shape: &[usize], bound: f32, dev: &Device) -> candle_core::Result<Var> {
+    pub fn uniform(
+        &mut self,
+        shape: &[usize],
+        bound: f32,
+        dev: &Device,
+    ) -> candle_core::Result<Var> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..=bound)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-bound..=bound))
+            .collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)
     }
 
@@ -48,7 +55,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(init: &mut Init, inp: usize, out: usize, bias: bool, dev: &Device) -> candle_core::Result<Linear> {
+    pub fn new(
+        init: &mut Init,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        dev: &Device,
+    ) -> candle_core::Result<Linear> {
         let bound = 1.0 / (inp as f32).sqrt();
         Ok(Linear {
             weight: init.uniform(&[out, inp], bound, dev)?,
@@ -82,6 +95,10 @@ impl Linear {
     }
 }
 
-pub fn zeros_like_dtype(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+pub fn zeros_like_dtype(
+    shape: &[usize],
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     Tensor::zeros(shape, dtype, dev)
 }

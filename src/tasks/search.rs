@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Message, TaskConfig};
-use crate::retrieval::{Passage, Retriever};
+use crate::retrieval::Retriever;
 
 /// The fixed reply to a turn that neither searches nor answers.
 pub const INVALID_ACTION_REPLY: &str = "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n";

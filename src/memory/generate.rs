@@ -1,0 +1,381 @@
+//! Generation with memory: batched and left-padded; the prompt memory first, then after every
+//! sampled token the boundary check, the trigger's decision and the weaver's latents appended to
+//! the reasoner's KV cache. Nothing is recomputed: the reasoner, the weaver and the trigger each
+//! keep a KV cache of the stream they have read, and the weaver's query positions are dropped
+//! from its cache after every memory.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::weaver::Context;
+use super::{Kind, MemGenModel};
+use crate::backbone::generate::{ids_tensor, left_pad, Sampler};
+use crate::backbone::model::{positions_from_mask, positions_tensor};
+use crate::backbone::{KvCache, Mode};
+
+/// Per-call settings of generation with memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryOptions {
+    /// Insert the prompt memory after the prompt.
+    pub prompt_memory: bool,
+    /// Cap on inference memories per sequence.
+    pub max_inference: usize,
+    /// End a sequence on these ids.
+    pub stop_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Insertion {
+    /// Index in the generated tokens before which the latents were inserted (0: the prompt memory).
+    pub token_index: usize,
+    pub kind: Kind,
+}
+
+/// The trigger's answer at a boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The boundary lies right before generated token `token_index`.
+    pub token_index: usize,
+    pub insert: bool,
+    /// Log-probability of the chosen action under the trigger (0 for the nano trigger).
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MemGenerated {
+    pub tokens: Vec<u32>,
+    pub stopped: bool,
+    pub insertions: Vec<Insertion>,
+    pub decisions: Vec<Decision>,
+}
+
+/// Reasoner inputs the weaver has not read yet (it reads lazily, at the next memory).
+struct Pending {
+    chunks: Vec<Tensor>,
+    mask: Vec<Vec<u8>>,
+    pos: Vec<Vec<u32>>,
+}
+
+impl Pending {
+    fn new(b: usize) -> Pending {
+        Pending {
+            chunks: vec![],
+            mask: vec![vec![]; b],
+            pos: vec![vec![]; b],
+        }
+    }
+    fn push(&mut self, x: Tensor, mask: &[Vec<u8>], pos: &[Vec<u32>]) {
+        self.chunks.push(x);
+        for r in 0..self.mask.len() {
+            self.mask[r].extend_from_slice(&mask[r]);
+            self.pos[r].extend_from_slice(&pos[r]);
+        }
+    }
+    fn take(&mut self) -> candle_core::Result<Option<(Tensor, Vec<Vec<u8>>, Vec<Vec<u32>>)>> {
+        if self.chunks.is_empty() {
+            return Ok(None);
+        }
+        let x = Tensor::cat(&std::mem::take(&mut self.chunks), 1)?;
+        let b = self.mask.len();
+        Ok(Some((
+            x,
+            std::mem::replace(&mut self.mask, vec![vec![]; b]),
+            std::mem::replace(&mut self.pos, vec![vec![]; b]),
+        )))
+    }
+}
+
+/// Token ids the trigger has not read yet.
+struct PendingIds {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<u8>>,
+    pos: Vec<Vec<u32>>,
+}
+
+impl MemGenModel {
+    /// Weave memories for the rows with `kinds[r] = Some(_)`, first feeding the weaver what it has
+    /// not read yet. Returns (B × K_max × d_r).
+    fn weave_pending(
+        &self,
+        wcache: &mut KvCache,
+        pending: &mut Pending,
+        kinds: &[Option<Kind>],
+        query_start: &[u32],
+    ) -> anyhow::Result<Tensor> {
+        let ctx = pending.take()?;
+        self.weaver.weave(
+            wcache,
+            ctx.as_ref().map(|(x, m, p)| Context {
+                embeds: x,
+                mask: m,
+                positions: p,
+            }),
+            kinds,
+            query_start,
+            &mut Mode::Infer,
+        )
+    }
+
+    /// Generate with memory for a batch of prompts. `on_token(row, token)` sees each new token.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &MemoryOptions,
+        sampler: &mut Sampler,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> anyhow::Result<Vec<MemGenerated>> {
+        let b = prompts.len();
+        if b == 0 {
+            return Ok(vec![]);
+        }
+        if prompts.iter().any(|p| p.is_empty()) {
+            anyhow::bail!("cannot generate from an empty prompt");
+        }
+        let dev = self.reasoner.device().clone();
+        let d = self.reasoner.hidden_size();
+        let pad = self.tokenizer.pad_id;
+        let (ids, mask) = left_pad(prompts, pad);
+        let pos = positions_from_mask(&mask, &vec![0; b]);
+        let e = self.reasoner.embed(&ids_tensor(&ids, &dev)?)?;
+        let mut n_real: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+        // The trigger reads tokens only (no latents), so its positions count tokens.
+        let mut t_real = n_real.clone();
+        let mut rcache = self.reasoner.new_cache(b);
+        let mut wcache = self.weaver.backbone.new_cache(b);
+        let mut tcache = self.trigger.as_ref().map(|t| t.backbone.new_cache(b));
+        let mut pending = Pending::new(b);
+        pending.push(e.clone(), &mask, &pos);
+        let mut tpend = PendingIds {
+            ids: ids.clone(),
+            mask: mask.clone(),
+            pos: pos.clone(),
+        };
+        let mut out: Vec<MemGenerated> = vec![MemGenerated::default(); b];
+
+        // Prompt memory.
+        let k_p = self.weaver.k(Kind::Prompt);
+        let (x0, m0, p0) = if opts.prompt_memory && k_p > 0 {
+            let lat = self.weave_pending(
+                &mut wcache,
+                &mut pending,
+                &vec![Some(Kind::Prompt); b],
+                &n_real,
+            )?;
+            let lm: Vec<Vec<u8>> = vec![vec![1u8; k_p]; b];
+            let lpos: Vec<Vec<u32>> = n_real
+                .iter()
+                .map(|&n| (n..n + k_p as u32).collect())
+                .collect();
+            pending.push(lat.clone(), &lm, &lpos);
+            for (r, o) in out.iter_mut().enumerate() {
+                o.insertions.push(Insertion {
+                    token_index: 0,
+                    kind: Kind::Prompt,
+                });
+                n_real[r] += k_p as u32;
+            }
+            let x = Tensor::cat(&[e.clone(), lat.to_dtype(e.dtype())?], 1)?;
+            let m: Vec<Vec<u8>> = mask
+                .iter()
+                .zip(&lm)
+                .map(|(a, c)| [a.clone(), c.clone()].concat())
+                .collect();
+            let p: Vec<Vec<u32>> = pos
+                .iter()
+                .zip(&lpos)
+                .map(|(a, c)| [a.clone(), c.clone()].concat())
+                .collect();
+            (x, m, p)
+        } else {
+            (e.clone(), mask.clone(), pos.clone())
+        };
+        let h = self.reasoner.forward(
+            &x0,
+            &m0,
+            &positions_tensor(&p0, &dev)?,
+            Some(&mut rcache),
+            &mut Mode::Infer,
+        )?;
+        let l = h.dim(1)?;
+        let mut last = h.narrow(1, l - 1, 1)?;
+
+        let k_i = self.weaver.k(Kind::Inference);
+        let max_new = sampler.cfg.max_new_tokens;
+        for _ in 0..max_new {
+            let logits = self
+                .reasoner
+                .logits(&last)?
+                .squeeze(1)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            let mut step = vec![pad; b];
+            let mut live = vec![0u8; b];
+            for r in 0..b {
+                if out[r].stopped {
+                    continue;
+                }
+                let t = sampler.sample(&logits[r]);
+                out[r].tokens.push(t);
+                on_token(r, t);
+                if opts.stop_ids.contains(&t) {
+                    out[r].stopped = true;
+                } else {
+                    step[r] = t;
+                    live[r] = 1;
+                }
+            }
+            let done = out.iter().all(|o| o.stopped || o.tokens.len() >= max_new);
+            if done {
+                break;
+            }
+            // Boundaries where a memory may go.
+            let cand: Vec<usize> = (0..b)
+                .filter(|&r| {
+                    live[r] == 1
+                        && k_i > 0
+                        && out[r]
+                            .insertions
+                            .iter()
+                            .filter(|i| i.kind == Kind::Inference)
+                            .count()
+                            < opts.max_inference
+                        && {
+                            let mut full = prompts[r].clone();
+                            full.extend_from_slice(&out[r].tokens);
+                            self.boundary.is_boundary(&full)
+                        }
+                })
+                .collect();
+            let step_mask: Vec<Vec<u8>> = live.iter().map(|&m| vec![m]).collect();
+            let step_pos: Vec<Vec<u32>> = n_real.iter().map(|&n| vec![n]).collect();
+            for r in 0..b {
+                tpend.ids[r].push(step[r]);
+                tpend.mask[r].push(live[r]);
+                tpend.pos[r].push(t_real[r]);
+                t_real[r] += live[r] as u32;
+            }
+            let mut insert = vec![false; b];
+            if !cand.is_empty() {
+                match (&self.trigger, tcache.as_mut()) {
+                    (Some(trig), Some(tc)) => {
+                        let ids_t = ids_tensor(&tpend.ids, &dev)?;
+                        let pos_t = positions_tensor(&tpend.pos, &dev)?;
+                        let lg =
+                            trig.logits(&ids_t, &tpend.mask, &pos_t, Some(tc), &mut Mode::Infer)?;
+                        let ll = lg.dim(1)?;
+                        let lg = lg.narrow(1, ll - 1, 1)?.squeeze(1)?.to_vec2::<f32>()?;
+                        tpend = PendingIds {
+                            ids: vec![vec![]; b],
+                            mask: vec![vec![]; b],
+                            pos: vec![vec![]; b],
+                        };
+                        for &r in &cand {
+                            let a = sampler.sample(&lg[r]) as usize;
+                            let t = if sampler.cfg.greedy() {
+                                1.0
+                            } else {
+                                sampler.cfg.temperature as f32
+                            };
+                            let z0 = lg[r][0] / t;
+                            let z1 = lg[r][1] / t;
+                            let m = z0.max(z1);
+                            let lse = m + ((z0 - m).exp() + (z1 - m).exp()).ln();
+                            let logprob = if a == 1 { z1 - lse } else { z0 - lse };
+                            insert[r] = a == 1;
+                            let token_index = out[r].tokens.len();
+                            out[r].decisions.push(Decision {
+                                token_index,
+                                insert: a == 1,
+                                logprob,
+                            });
+                        }
+                    }
+                    _ => {
+                        for &r in &cand {
+                            insert[r] = true;
+                            let token_index = out[r].tokens.len();
+                            out[r].decisions.push(Decision {
+                                token_index,
+                                insert: true,
+                                logprob: 0.0,
+                            });
+                        }
+                    }
+                }
+            }
+            let e_t = self
+                .reasoner
+                .embed(&Tensor::from_vec(step.clone(), (b, 1), &dev)?)?;
+            pending.push(e_t.clone(), &step_mask, &step_pos);
+            for r in 0..b {
+                n_real[r] += live[r] as u32;
+            }
+            if insert.iter().any(|&x| x) {
+                let kinds: Vec<Option<Kind>> = insert
+                    .iter()
+                    .map(|&i| i.then_some(Kind::Inference))
+                    .collect();
+                let lat = self.weave_pending(&mut wcache, &mut pending, &kinds, &n_real)?;
+                let lm: Vec<Vec<u8>> = insert.iter().map(|&i| vec![i as u8; k_i]).collect();
+                let lpos: Vec<Vec<u32>> = insert
+                    .iter()
+                    .zip(&n_real)
+                    .map(|(&i, &n)| {
+                        if i {
+                            (n..n + k_i as u32).collect()
+                        } else {
+                            vec![0; k_i]
+                        }
+                    })
+                    .collect();
+                pending.push(lat.clone(), &lm, &lpos);
+                let x = Tensor::cat(&[e_t, lat.to_dtype(self.reasoner.dtype())?], 1)?;
+                let m: Vec<Vec<u8>> = step_mask
+                    .iter()
+                    .zip(&lm)
+                    .map(|(a, c)| [a.clone(), c.clone()].concat())
+                    .collect();
+                let p: Vec<Vec<u32>> = step_pos
+                    .iter()
+                    .zip(&lpos)
+                    .map(|(a, c)| [a.clone(), c.clone()].concat())
+                    .collect();
+                let h = self.reasoner.forward(
+                    &x,
+                    &m,
+                    &positions_tensor(&p, &dev)?,
+                    Some(&mut rcache),
+                    &mut Mode::Infer,
+                )?;
+                // Each row continues from its last real input: the last latent, or the token.
+                let w = 1 + k_i;
+                let idx: Vec<u32> = (0..b)
+                    .map(|r| (r * w + if insert[r] { k_i } else { 0 }) as u32)
+                    .collect();
+                last = h
+                    .reshape((b * w, d))?
+                    .index_select(&Tensor::from_vec(idx, b, &dev)?, 0)?
+                    .unsqueeze(1)?;
+                for r in 0..b {
+                    if insert[r] {
+                        n_real[r] += k_i as u32;
+                        let token_index = out[r].tokens.len();
+                        out[r].insertions.push(Insertion {
+                            token_index,
+                            kind: Kind::Inference,
+                        });
+                    }
+                }
+            } else {
+                last = self.reasoner.forward(
+                    &e_t,
+                    &step_mask,
+                    &positions_tensor(&step_pos, &dev)?,
+                    Some(&mut rcache),
+                    &mut Mode::Infer,
+                )?;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,639 @@
+//! MemGen's memory against a literal reference implementation of DESIGN.md (kept here, in test
+//! code): it recomputes the whole prefix for every token and every weaver call, one insertion point
+//! at a time. The fast paths — batched, KV-cached, rows with different insertion layouts — must give
+//! the same tokens, the same insertion points and the same logits.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use memgen::backbone::generate::{argmax, Sampler, SamplingConfig};
+use memgen::backbone::{self, Arch, Backbone, Mode, TextTokenizer};
+use memgen::memory::generate::{Insertion, MemoryOptions};
+use memgen::memory::teacher::TfRow;
+use memgen::memory::{Kind, MemGenModel, MemGenSpec, Point};
+
+/// A word-level tokenizer over the tiny models' 61 ids where every third id ends with `.`, `,` or `\n`.
+fn tiny_tokenizer() -> Arc<TextTokenizer> {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab: HashMap<String, u32> = (0..61u32)
+        .map(|i| {
+            let s = match i % 9 {
+                0 => format!("w{i}."),
+                3 => format!("w{i},"),
+                6 => format!("w{i}\n"),
+                _ => format!("w{i}"),
+            };
+            (s, i)
+        })
+        .collect();
+    let wl = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w1".into())
+        .build()
+        .unwrap();
+    Arc::new(TextTokenizer {
+        inner: tokenizers::Tokenizer::new(wl),
+        bos_token: None,
+        eos_token: None,
+        eos_ids: vec![],
+        pad_id: 1,
+        chat_template: None,
+    })
+}
+
+fn tiny_memgen(arch: Arch, k_p: usize, k_i: usize, trigger: bool) -> MemGenModel {
+    let reasoner = common::tiny(arch, 21);
+    let weaver_base = common::tiny(arch, 22);
+    let trig = common::tiny(arch, 23);
+    let mut spec = MemGenSpec::new("tiny");
+    spec.prompt_latents_len = k_p;
+    spec.inference_latents_len = k_i;
+    spec.weaver_lora.lora_dropout = 0.0;
+    let m = MemGenModel::assemble(
+        spec,
+        reasoner,
+        tiny_tokenizer(),
+        &weaver_base,
+        trigger.then_some(&trig),
+    )
+    .unwrap();
+    randomize_lora_b(&m, 0.2);
+    m
+}
+
+/// Non-zero LoRA B everywhere so adapters matter (seeded: the tests are reproducible).
+fn randomize_lora_b(m: &MemGenModel, scale: f32) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let sets = [
+        Some(&m.weaver.backbone.lora),
+        m.trigger.as_ref().map(|t| &t.backbone.lora),
+    ];
+    for set in sets.into_iter().flatten() {
+        for (_, _, l) in set.iter() {
+            let n = l.b.elem_count();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            l.b.set(&Tensor::from_vec(v, l.b.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+/// Largest |a - b| / max(1, |b|): for logits of a real 30-layer model, f32 summation order alone
+/// moves large logits by more than 1e-4 in absolute terms (a plain full pass vs. the same tokens
+/// in two cached chunks differ by ~7e-5 on SmolLM2), so the comparison is relative to their size.
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap();
+    let s = b.abs().unwrap().maximum(1f32).unwrap();
+    (d / s)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+// ---------------- the literal reference ----------------
+
+fn full_forward(bb: &Backbone, x: &Tensor) -> Tensor {
+    let n = x.dim(0).unwrap();
+    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
+    bb.forward(
+        &x.unsqueeze(0).unwrap(),
+        &[vec![1u8; n]],
+        &pos,
+        None,
+        &mut Mode::Infer,
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap()
+}
+
+/// DESIGN.md "Weaving one memory", literally: the whole context, then the K queries.
+fn ref_weave(m: &MemGenModel, stream: &Tensor, kind: Kind) -> Tensor {
+    let n = stream.dim(0).unwrap();
+    let x = m.weaver.reasoner_to_weaver.forward(stream).unwrap();
+    let q = m.weaver.queries(kind).as_tensor().clone();
+    let k = q.dim(0).unwrap();
+    let h = full_forward(&m.weaver.backbone, &Tensor::cat(&[x, q], 0).unwrap());
+    m.weaver
+        .weaver_to_reasoner
+        .forward(&h.i(n..n + k).unwrap())
+        .unwrap()
+}
+
+fn embed(m: &MemGenModel, ids: &[u32]) -> Tensor {
+    m.reasoner
+        .embed(&Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+fn ref_generate(
+    m: &MemGenModel,
+    prompt: &[u32],
+    max_new: usize,
+    max_inf: usize,
+) -> (Vec<u32>, Vec<Insertion>) {
+    let mut stream = embed(m, prompt);
+    let mut ins = vec![];
+    if m.weaver.k(Kind::Prompt) > 0 {
+        let lat = ref_weave(m, &stream, Kind::Prompt);
+        stream = Tensor::cat(&[stream, lat], 0).unwrap();
+        ins.push(Insertion {
+            token_index: 0,
+            kind: Kind::Prompt,
+        });
+    }
+    let mut toks: Vec<u32> = vec![];
+    loop {
+        let h = full_forward(&m.reasoner, &stream);
+        let n = h.dim(0).unwrap();
+        let logits = m
+            .reasoner
+            .logits(&h.i(n - 1..n).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let t = argmax(&logits[0]);
+        toks.push(t);
+        if toks.len() >= max_new {
+            break;
+        }
+        stream = Tensor::cat(&[stream, embed(m, &[t])], 0).unwrap();
+        let full: Vec<u32> = prompt.iter().chain(toks.iter()).copied().collect();
+        let used = ins.iter().filter(|i| i.kind == Kind::Inference).count();
+        if m.weaver.k(Kind::Inference) > 0 && used < max_inf && m.boundary.is_boundary(&full) {
+            let go = match &m.trigger {
+                None => true,
+                Some(tr) => {
+                    let ids =
+                        Tensor::from_vec(full.clone(), (1, full.len()), &Device::Cpu).unwrap();
+                    let pos = Tensor::from_vec(
+                        (0..full.len() as u32).collect::<Vec<_>>(),
+                        (1, full.len()),
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    let lg = tr
+                        .logits(&ids, &[vec![1u8; full.len()]], &pos, None, &mut Mode::Infer)
+                        .unwrap();
+                    let last = lg.i((0, full.len() - 1)).unwrap().to_vec1::<f32>().unwrap();
+                    argmax(&last) == 1
+                }
+            };
+            if go {
+                let lat = ref_weave(m, &stream, Kind::Inference);
+                stream = Tensor::cat(&[stream, lat], 0).unwrap();
+                ins.push(Insertion {
+                    token_index: toks.len(),
+                    kind: Kind::Inference,
+                });
+            }
+        }
+    }
+    (toks, ins)
+}
+
+/// Teacher forcing, literally: weave at each point in turn, then one reasoner pass; logits aligned.
+fn ref_tf_logits(m: &MemGenModel, row: &TfRow) -> Tensor {
+    let mut parts: Vec<Tensor> = vec![];
+    let mut at: Vec<usize> = vec![];
+    let mut len = 0;
+    for (i, &t) in row.tokens.iter().enumerate() {
+        if let Some(p) = row.points.iter().find(|p| p.pos == i) {
+            let stream = Tensor::cat(&parts, 0).unwrap();
+            let lat = ref_weave(m, &stream, p.kind);
+            len += lat.dim(0).unwrap();
+            parts.push(lat);
+            if len > 0 && m.weaver.k(p.kind) > 0 {
+                at[i - 1] = len - 1;
+            }
+        }
+        parts.push(embed(m, &[t]));
+        at.push(len);
+        len += 1;
+    }
+    let h = full_forward(&m.reasoner, &Tensor::cat(&parts, 0).unwrap());
+    let idx = Tensor::from_vec(
+        at.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+        at.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    m.reasoner
+        .logits(&h.index_select(&idx, 0).unwrap())
+        .unwrap()
+}
+
+// ---------------- tests ----------------
+
+fn tf_rows() -> Vec<TfRow> {
+    let mk = |tokens: Vec<u32>, prompt: usize, pts: Vec<Point>| TfRow {
+        loss_mask: (0..tokens.len()).map(|i| i >= prompt).collect(),
+        tokens,
+        points: pts,
+    };
+    let p = |pos, kind| Point { pos, kind };
+    vec![
+        // Prompt memory and three inference memories.
+        mk(
+            (2..20).collect(),
+            5,
+            vec![
+                p(5, Kind::Prompt),
+                p(7, Kind::Inference),
+                p(8, Kind::Inference),
+                p(13, Kind::Inference),
+            ],
+        ),
+        // No memory at all.
+        mk(vec![4, 8, 15, 16, 23, 42, 7, 9], 3, vec![]),
+        // Only a prompt memory, shorter prompt.
+        mk(vec![30, 31, 32, 33, 34, 35], 2, vec![p(2, Kind::Prompt)]),
+        // Two prompt memories (multi-turn) around an inference one.
+        mk(
+            (10..30).rev().collect(),
+            4,
+            vec![
+                p(4, Kind::Prompt),
+                p(9, Kind::Inference),
+                p(12, Kind::Prompt),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn teacher_forced_logits_equal_the_reference() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        for (k_p, k_i) in [(8, 8), (3, 5)] {
+            let m = tiny_memgen(arch, k_p, k_i, false);
+            let rows = tf_rows();
+            let out = m.teacher_forced(&rows, &mut Mode::Grad).unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                let n = row.tokens.len();
+                let fast = m
+                    .reasoner
+                    .logits(&out.hidden.i((r, 0..n)).unwrap())
+                    .unwrap();
+                let want = ref_tf_logits(&m, row);
+                let d = common::max_abs_diff(&fast, &want);
+                assert!(d < 1e-4, "{arch:?} K=({k_p},{k_i}) row {r}: {d}");
+            }
+            // The loss is the mean NLL of the answer tokens under those logits.
+            let (loss, count) = m.sft_loss(&rows, &mut Mode::Grad).unwrap();
+            let mut sum = 0f64;
+            let mut cnt = 0;
+            for row in &rows {
+                let lsm =
+                    candle_nn::ops::log_softmax(&ref_tf_logits(&m, row), candle_core::D::Minus1)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                for i in 0..row.tokens.len() - 1 {
+                    if row.loss_mask[i + 1] {
+                        sum -= lsm[i][row.tokens[i + 1] as usize] as f64;
+                        cnt += 1;
+                    }
+                }
+            }
+            assert_eq!(count, cnt);
+            let l = loss.to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (l - sum / cnt as f64).abs() < 1e-4,
+                "{arch:?}: loss {l} vs {}",
+                sum / cnt as f64
+            );
+        }
+    }
+}
+
+fn greedy(n: usize) -> Sampler {
+    Sampler::new(SamplingConfig {
+        max_new_tokens: n,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn generation_equals_the_reference() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        for trigger in [false, true] {
+            let m = tiny_memgen(arch, 8, 8, trigger);
+            let prompts = vec![
+                vec![5, 9, 2, 17],
+                vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+                vec![40],
+            ];
+            let opts = MemoryOptions {
+                prompt_memory: true,
+                max_inference: 3,
+                stop_ids: vec![],
+            };
+            let got = m
+                .generate(&prompts, &opts, &mut greedy(24), |_, _| {})
+                .unwrap();
+            let mut total_inf = 0;
+            for (r, p) in prompts.iter().enumerate() {
+                let (toks, ins) = ref_generate(&m, p, 24, 3);
+                assert_eq!(
+                    got[r].tokens, toks,
+                    "{arch:?} trigger={trigger} row {r}: tokens"
+                );
+                assert_eq!(
+                    got[r].insertions, ins,
+                    "{arch:?} trigger={trigger} row {r}: insertions"
+                );
+                total_inf += ins.iter().filter(|i| i.kind == Kind::Inference).count();
+                // Every boundary under the cap was put to the trigger.
+                assert!(got[r].decisions.len() >= ins.len() - 1);
+            }
+            if !trigger {
+                assert!(total_inf > 0, "the test must exercise inference insertions");
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_length_weaver_is_the_plain_reasoner() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let m = tiny_memgen(arch, 0, 0, false);
+        let prompts = vec![vec![5, 9, 2, 17], vec![1, 2, 3, 4, 5, 6, 7]];
+        let opts = MemoryOptions {
+            prompt_memory: true,
+            max_inference: 5,
+            stop_ids: vec![],
+        };
+        let got = m
+            .generate(&prompts, &opts, &mut greedy(16), |_, _| {})
+            .unwrap();
+        let plain =
+            backbone::generate::generate(&m.reasoner, &prompts, 1, &[], &mut greedy(16), |_, _| {})
+                .unwrap();
+        for (g, p) in got.iter().zip(&plain) {
+            assert_eq!(g.tokens, p.tokens);
+            assert!(g.insertions.is_empty());
+        }
+        let rows = tf_rows();
+        let out = m.teacher_forced(&rows, &mut Mode::Infer).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let n = row.tokens.len();
+            let h = full_forward(&m.reasoner, &embed(&m, &row.tokens));
+            assert!(common::max_abs_diff(&out.hidden.i((r, 0..n)).unwrap(), &h) < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn gradients_reach_latents_projections_and_lora() {
+    let m = tiny_memgen(Arch::Qwen2, 4, 4, false);
+    let rows = tf_rows();
+    let (loss, _) = m.sft_loss(&rows, &mut Mode::Grad).unwrap();
+    let grads = loss.backward().unwrap();
+    let f = || {
+        m.sft_loss(&rows, &mut Mode::Grad)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let lora = m.weaver.backbone.lora.iter().next().unwrap().2.clone();
+    let checks = [
+        ("prompt latents", m.weaver.prompt_query_latents.clone()),
+        (
+            "inference latents",
+            m.weaver.inference_query_latents.clone(),
+        ),
+        (
+            "reasoner_to_weaver.weight",
+            m.weaver.reasoner_to_weaver.weight.clone(),
+        ),
+        (
+            "weaver_to_reasoner.bias",
+            m.weaver.weaver_to_reasoner.bias.clone().unwrap(),
+        ),
+        ("lora A", lora.a.clone()),
+        ("lora B", lora.b.clone()),
+    ];
+    for (name, var) in checks {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let flat = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = flat.len();
+        for &i in &[0, n / 2, n - 1] {
+            let eps = 1e-2f32;
+            let set = |v: f32| {
+                let mut w = flat.clone();
+                w[i] = v;
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            };
+            set(flat[i] + eps);
+            let up = f();
+            set(flat[i] - eps);
+            let down = f();
+            set(flat[i]);
+            let num = (up - down) / (2.0 * eps);
+            assert!(
+                (num - gv[i]).abs() <= 3e-2 * num.abs().max(gv[i].abs()) + 1e-3,
+                "{name}[{i}]: analytic {} vs numeric {num}",
+                gv[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn checkpoints_round_trip_and_report_problems() {
+    let m = tiny_memgen(Arch::Llama, 4, 4, true);
+    let dir = tempfile::tempdir().unwrap();
+    m.save(dir.path()).unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "only model.safetensors and memgen.json, no temp files: {names:?}"
+    );
+    // The original's key names.
+    let st =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    for k in [
+        "weaver.prompt_query_latents",
+        "weaver.inference_query_latents",
+        "reasoner_to_weaver.weight",
+        "weaver_to_reasoner.bias",
+        "weaver.model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+        "weaver.model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight",
+        "trigger.model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+        "trigger.model.base_model.model.lm_head.weight",
+    ] {
+        assert!(st.contains_key(k), "missing {k}");
+    }
+    // A model with other random values becomes identical after loading.
+    let mut other = tiny_memgen(Arch::Llama, 4, 4, true);
+    other.spec.seed = 7;
+    let other = MemGenModel::assemble(
+        other.spec.clone(),
+        common::tiny(Arch::Llama, 21),
+        tiny_tokenizer(),
+        &common::tiny(Arch::Llama, 22),
+        Some(&common::tiny(Arch::Llama, 23)),
+    )
+    .unwrap();
+    use memgen::memory::checkpoint::Part;
+    let missing = other
+        .load_weights(
+            &dir.path().join("model.safetensors"),
+            &[Part::Weaver, Part::Trigger],
+        )
+        .unwrap();
+    assert!(missing.is_empty());
+    let rows = tf_rows();
+    let a = m.teacher_forced(&rows, &mut Mode::Infer).unwrap().hidden;
+    let b = other
+        .teacher_forced(&rows, &mut Mode::Infer)
+        .unwrap()
+        .hidden;
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    // Extra (frozen) keys are ignored, missing ones reported, shape mismatches are errors.
+    let mut extra = st.clone();
+    extra.insert(
+        "reasoner.model.embed_tokens.weight".into(),
+        Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    extra.remove("trigger.model.base_model.model.lm_head.weight");
+    let f = dir.path().join("full.safetensors");
+    candle_core::safetensors::save(&extra, &f).unwrap();
+    let missing = other
+        .load_weights(&f, &[Part::Weaver, Part::Trigger])
+        .unwrap();
+    assert_eq!(
+        missing,
+        vec!["trigger.model.base_model.model.lm_head.weight".to_string()]
+    );
+    extra.insert(
+        "weaver.prompt_query_latents".into(),
+        Tensor::zeros((5, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&extra, &f).unwrap();
+    let err = other
+        .load_weights(&f, &[Part::Weaver])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("weaver.prompt_query_latents")
+            && err.contains("[5, 32]")
+            && err.contains("[4, 32]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn smollm2_with_a_random_weaver_equals_the_reference() {
+    let path = common::model("smollm2");
+    let mut spec = MemGenSpec::new(path.to_str().unwrap());
+    spec.weaver_lora.lora_dropout = 0.0;
+    let m = MemGenModel::build(&spec, &Device::Cpu).unwrap();
+    randomize_lora_b(&m, 0.05);
+    let tk = &m.tokenizer;
+    let p1 = tk
+        .encode("<|im_start|>user\nWhat is 3+4? Answer briefly.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let p2 = tk
+        .encode("<|im_start|>user\nList two colors, then stop.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let prompts = vec![p1.clone(), p2.clone()];
+    let opts = MemoryOptions {
+        prompt_memory: true,
+        max_inference: 5,
+        stop_ids: vec![],
+    };
+    let got = m
+        .generate(&prompts, &opts, &mut greedy(20), |_, _| {})
+        .unwrap();
+    for (r, p) in prompts.iter().enumerate() {
+        let (toks, ins) = ref_generate(&m, p, 20, 5);
+        assert_eq!(got[r].tokens, toks, "row {r}");
+        assert_eq!(got[r].insertions, ins, "row {r}");
+    }
+    // Teacher forcing on prompt + answer with SFT's points.
+    let rows: Vec<TfRow> = [
+        (&p1, "3 + 4 = 7. So, the answer is 7.\n"),
+        (&p2, "Red, blue."),
+    ]
+    .iter()
+    .map(|(p, a)| {
+        let mut tokens = (*p).clone();
+        tokens.extend(tk.encode(&format!("{a}<|im_end|>\n")).unwrap());
+        let mask: Vec<bool> = (0..tokens.len()).map(|i| i >= p.len()).collect();
+        let points = m.boundary.training_points(&tokens, &mask, &[p.len()], 5);
+        TfRow {
+            tokens,
+            loss_mask: mask,
+            points,
+        }
+    })
+    .collect();
+    assert!(rows[0].points.len() >= 3, "{:?}", rows[0].points);
+    // Logits: f32 summation order alone moves SmolLM2's logits by ~7e-5 between a full pass and
+    // the same tokens in two cached chunks (no memory involved), and latents from a random weaver
+    // amplify that; so logits and per-token log-probs are held to 5e-4 and the loss — what training sees — to 1e-4.
+    for mode in ["infer", "grad"] {
+        let out = if mode == "infer" {
+            m.teacher_forced(&rows, &mut Mode::Infer)
+        } else {
+            m.teacher_forced(&rows, &mut Mode::Grad)
+        }
+        .unwrap();
+        let (lp, at) = m.target_logprobs(&rows, &out).unwrap();
+        let lp = lp.to_vec1::<f32>().unwrap();
+        let mut worst_lp = 0f32;
+        let (mut sum_fast, mut sum_ref) = (0f64, 0f64);
+        for (r, row) in rows.iter().enumerate() {
+            let n = row.tokens.len();
+            let fast = m
+                .reasoner
+                .logits(&out.hidden.i((r, 0..n)).unwrap())
+                .unwrap();
+            let want = ref_tf_logits(&m, row);
+            let d = common::max_abs_diff(&fast, &want);
+            eprintln!("{mode} row {r}: max logit difference {d:.2e}");
+            assert!(d < 5e-4, "{mode} row {r}: {d}");
+            let lsm = candle_nn::ops::log_softmax(&want, candle_core::D::Minus1)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (j, &(rr, i)) in at.iter().enumerate() {
+                if rr == r {
+                    let want_lp = lsm[i - 1][row.tokens[i] as usize];
+                    worst_lp = worst_lp.max((lp[j] - want_lp).abs());
+                    sum_fast += lp[j] as f64;
+                    sum_ref += want_lp as f64;
+                }
+            }
+        }
+        let dl = ((sum_fast - sum_ref) / at.len() as f64).abs();
+        eprintln!("{mode}: loss difference {dl:.2e}, worst answer-token log-prob difference {worst_lp:.2e}");
+        assert!(dl < 1e-4, "{mode}: loss differs by {dl}");
+        assert!(worst_lp < 5e-4, "{mode}: {worst_lp}");
+    }
+}
