@@ -82,22 +82,6 @@ fn randomize_lora_b(m: &MemGenModel, scale: f32) {
     }
 }
 
-/// Largest |a - b| / max(1, |b|): for logits of a real 30-layer model, f32 summation order alone
-/// moves large logits by more than 1e-4 in absolute terms (a plain full pass vs. the same tokens
-/// in two cached chunks differ by ~7e-5 on SmolLM2), so the comparison is relative to their size.
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap();
-    let s = b.abs().unwrap().maximum(1f32).unwrap();
-    (d / s)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 // ---------------- the literal reference ----------------
 
 fn full_forward(bb: &Backbone, x: &Tensor) -> Tensor {

@@ -49,6 +49,9 @@ pub struct MemGenerated {
     pub decisions: Vec<Decision>,
 }
 
+/// A stream chunk: embeddings (B × L × d) with per-row mask and positions.
+type Chunk = (Tensor, Vec<Vec<u8>>, Vec<Vec<u32>>);
+
 /// Reasoner inputs the weaver has not read yet (it reads lazily, at the next memory).
 struct Pending {
     chunks: Vec<Tensor>,
@@ -71,7 +74,7 @@ impl Pending {
             self.pos[r].extend_from_slice(&pos[r]);
         }
     }
-    fn take(&mut self) -> candle_core::Result<Option<(Tensor, Vec<Vec<u8>>, Vec<Vec<u32>>)>> {
+    fn take(&mut self) -> candle_core::Result<Option<Chunk>> {
         if self.chunks.is_empty() {
             return Ok(None);
         }

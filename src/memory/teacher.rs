@@ -215,8 +215,8 @@ impl MemGenModel {
         let mut rest_rows: Vec<Vec<Tensor>> = vec![vec![]; b];
         let mut rest_len = vec![0usize; b];
         for (r, row) in rows.iter().enumerate() {
-            for i in 0..prefix[r] {
-                src[r][i] = r * lp + (lp - prefix[r]) + i;
+            for (i, s) in src[r].iter_mut().enumerate().take(prefix[r]) {
+                *s = r * lp + (lp - prefix[r]) + i;
             }
             let mut off = 0usize;
             for (j, pt) in row.points.iter().enumerate() {
@@ -238,8 +238,8 @@ impl MemGenModel {
                     .map(|p| p.pos)
                     .unwrap_or(row.tokens.len());
                 rest_rows[r].push(emb_row(r, pt.pos, end)?);
-                for i in pt.pos..end {
-                    src[r][i] = usize::MAX - off;
+                for s in &mut src[r][pt.pos..end] {
+                    *s = usize::MAX - off;
                     off += 1;
                 }
             }

@@ -270,6 +270,7 @@ impl Episode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::retrieval::Passage;
 
     #[test]
     fn cutting_and_parsing() {
