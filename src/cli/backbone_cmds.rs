@@ -6,16 +6,22 @@ use anyhow::Context;
 use candle_core::{DType, IndexOp};
 use clap::Args;
 
+use super::memory_args::{build_memgen, MemoryArgs};
 use super::ModelArgs;
 use crate::backbone::generate::{generate as run_generate, ids_tensor, Sampler, SamplingConfig};
 use crate::backbone::model::{positions_from_mask, positions_tensor};
 use crate::backbone::{self, LoadedModel, Mode};
+use crate::memory::generate::MemoryOptions;
+use crate::memory::teacher::TfRow;
+use crate::memory::MemGenModel;
 use crate::tasks::Message;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     /// The prompt (raw text; special tokens such as <|im_start|> are recognised).
     #[arg(long)]
     pub prompt: String,
@@ -45,6 +51,12 @@ pub struct GenerateArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    /// Score this answer teacher-forced after the text (the prompt), with memories inserted as in
+    /// SFT; prints {"loss", "insertion_points"}.
+    #[arg(long)]
+    pub answer: Option<String>,
     /// The text to score (raw; special tokens are recognised).
     #[arg(long)]
     pub text: String,
@@ -78,6 +90,9 @@ fn prompt_text(m: &LoadedModel, text: &str, chat: bool) -> anyhow::Result<String
 }
 
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(mg) = build_memgen(&a.model, &a.memory)? {
+        return generate_with_memory(&a, &mg);
+    }
     let m = load_model(&a.model)?;
     let text = prompt_text(&m, &a.prompt, a.chat)?;
     let prompt_ids = m.tokenizer.encode(&text)?;
@@ -145,6 +160,21 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    if let Some(answer) = &a.answer {
+        let mg = match build_memgen(&a.model, &a.memory)? {
+            Some(mg) => mg,
+            None => {
+                // The plain reasoner is MemGen with zero-length memories.
+                let mut spec =
+                    crate::memory::MemGenSpec::new(a.model.model.as_deref().unwrap_or("default"));
+                spec.dtype = a.model.dtype.clone();
+                spec.prompt_latents_len = 0;
+                spec.inference_latents_len = 0;
+                MemGenModel::build(&spec, &backbone::parse_device(&a.model.device)?)?
+            }
+        };
+        return score_answer(&mg, &a.text, answer, a.chat);
+    }
     let m = load_model(&a.model)?;
     let text = prompt_text(&m, &a.text, a.chat)?;
     let ids = m.tokenizer.encode(&text)?;
@@ -187,4 +217,143 @@ pub fn top_logits(m: &LoadedModel, ids: &[u32], k: usize) -> anyhow::Result<Vec<
             best
         })
         .collect())
+}
+
+fn chat_wrap(
+    tok: &crate::backbone::TextTokenizer,
+    text: &str,
+    chat: bool,
+) -> anyhow::Result<String> {
+    if chat {
+        tok.apply_chat_template(
+            &[Message {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            true,
+        )
+    } else {
+        Ok(text.to_string())
+    }
+}
+
+fn generate_with_memory(a: &GenerateArgs, mg: &MemGenModel) -> anyhow::Result<()> {
+    let tok = mg.tokenizer.clone();
+    let text = chat_wrap(&tok, &a.prompt, a.chat)?;
+    let prompt_ids = tok.encode(&text)?;
+    if prompt_ids.is_empty() {
+        anyhow::bail!("the prompt is empty");
+    }
+    let mut sampler = Sampler::new(SamplingConfig {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+    });
+    let stop: Vec<u32> = if a.ignore_eos {
+        vec![]
+    } else {
+        tok.eos_ids.clone()
+    };
+    let opts = MemoryOptions {
+        prompt_memory: mg.spec.insertion.max_prompt_aug_num > 0,
+        max_inference: mg.spec.insertion.max_inference_aug_num,
+        stop_ids: stop.clone(),
+    };
+    let mut so_far: Vec<u32> = vec![];
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    let stream = !a.json;
+    let out = mg.generate(
+        std::slice::from_ref(&prompt_ids),
+        &opts,
+        &mut sampler,
+        |_, t| {
+            if !stream || stop.contains(&t) {
+                return;
+            }
+            so_far.push(t);
+            if let Ok(s) = tok.decode(&so_far) {
+                if !s.ends_with('\u{FFFD}') && s.len() > printed {
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(&s.as_bytes()[printed..]);
+                    let _ = lock.flush();
+                    printed = s.len();
+                }
+            }
+        },
+    )?;
+    let g = &out[0];
+    if a.json {
+        let shown: Vec<u32> = g
+            .tokens
+            .iter()
+            .copied()
+            .filter(|t| !(g.stopped && stop.contains(t)))
+            .collect();
+        let obj = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "token_ids": g.tokens,
+            "text": tok.decode(&shown)?,
+            "insertions": g.insertions,
+            "trigger_decisions": g.decisions,
+        });
+        println!("{obj}");
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+/// `score --answer`: the answer's mean NLL (its tokens and the eos that ends it) with memories at
+/// SFT's points: the prompt point, then the first delimiter boundaries inside the answer.
+fn score_answer(mg: &MemGenModel, text: &str, answer: &str, chat: bool) -> anyhow::Result<()> {
+    let tok = &mg.tokenizer;
+    let prompt = tok.encode(&chat_wrap(tok, text, chat)?)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the text is empty");
+    }
+    let mut ans = tok.encode(answer)?;
+    let eos = tok
+        .eos_ids
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("the tokenizer has no end-of-sequence token"))?;
+    ans.push(eos);
+    let mut tokens = prompt.clone();
+    tokens.extend_from_slice(&ans);
+    let loss_mask: Vec<bool> = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
+    let prompt_points = if mg.spec.insertion.max_prompt_aug_num > 0
+        && mg.weaver.k(crate::memory::Kind::Prompt) > 0
+    {
+        vec![prompt.len()]
+    } else {
+        vec![]
+    };
+    let max_inf = if mg.weaver.k(crate::memory::Kind::Inference) > 0 {
+        mg.spec.insertion.max_inference_aug_num
+    } else {
+        0
+    };
+    let points = mg
+        .boundary
+        .training_points(&tokens, &loss_mask, &prompt_points, max_inf);
+    let row = TfRow {
+        tokens,
+        loss_mask,
+        points: points.clone(),
+    };
+    let (loss, _) = mg.sft_loss(std::slice::from_ref(&row), &mut Mode::Infer)?;
+    let pts: Vec<serde_json::Value> = points
+        .iter()
+        .map(|p| serde_json::json!({"token_index": p.pos - prompt.len(), "kind": p.kind}))
+        .collect();
+    let obj = serde_json::json!({
+        "loss": loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        "answer_tokens": ans.len(),
+        "insertion_points": pts,
+    });
+    println!("{obj}");
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
 mod backbone_cmds;
+pub mod memory_args;
 
 pub use backbone_cmds::top_logits;
 
