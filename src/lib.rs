@@ -6,6 +6,7 @@
 
 pub mod backbone;
 pub mod cli;
+pub mod config;
 pub mod memory;
 pub mod retrieval;
 pub mod tasks;
