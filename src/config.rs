@@ -772,7 +772,7 @@ impl RunConfig {
 
 /// Parse `--options k1 v1 k2 v2 …` into pairs.
 pub fn parse_options(words: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    if words.len() % 2 != 0 {
+    if !words.len().is_multiple_of(2) {
         anyhow::bail!(
             "--options takes key value pairs; `{}` has no value",
             words.last().unwrap()
