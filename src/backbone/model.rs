@@ -301,13 +301,8 @@ impl Backbone {
         self.norm(&h, &self.weights.norm, mode)
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
-        let eps = self.config().rms_norm_eps;
-        if mode.grad() {
-            ops::rms_norm(x, w, eps)
-        } else {
-            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
-        }
+    fn norm(&self, x: &Tensor, w: &Tensor, _mode: &Mode) -> candle_core::Result<Tensor> {
+        ops::rms_norm(x, w, self.config().rms_norm_eps)
     }
 
     /// A frozen projection plus its LoRA adapter, if any.
@@ -341,13 +336,13 @@ impl Backbone {
                     })
                     .collect();
                 let m = Tensor::from_vec(m, (n, k), x.device())?.to_dtype(x.dtype())?;
-                x2 = (x2 * m)?;
+                x2 = ops::const_mul(&x2, &m)?;
             }
         }
         let a = lora.a.as_tensor().to_dtype(x.dtype())?;
         let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
-        let delta = x2.matmul(&a.t()?)?.matmul(&bm.t()?)?;
-        let delta = (delta * lora.scale)?;
+        // Scale the rank-r product, not the full-width one: same result, a smaller saved tensor.
+        let delta = (x2.matmul(&a.t()?)? * lora.scale)?.matmul(&bm.t()?)?;
         let mut out = dims;
         *out.last_mut().unwrap() = w.dim(0)?;
         y + delta.reshape(out)?
@@ -387,13 +382,8 @@ impl Backbone {
         // Grouped-query attention without copying k/v: the `rep` query heads that share a kv head
         // are stacked along the row axis (head h uses kv head h / rep, as HF's repeat_kv does).
         let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, nkv, rep, l, t))?.broadcast_add(bias)?;
-        let probs = if mode.grad() {
-            ops::softmax_last(&scores)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, l, t))?;
+        let probs = ops::masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), bias)?;
         let attn = probs.reshape((b, nkv, rep * l, t))?.matmul(&v)?;
         let attn = attn
             .reshape((b, nh, l, hd))?
@@ -405,7 +395,7 @@ impl Backbone {
         let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
         let gate = self.proj(li, Target::Gate, &h, &w.gate_proj, None, mode)?;
         let up = self.proj(li, Target::Up, &h, &w.up_proj, None, mode)?;
-        let act = (gate.silu()? * up)?;
+        let act = ops::silu_mul(&gate, &up)?;
         let down = self.proj(li, Target::Down, &act, &w.down_proj, None, mode)?;
         x + down
     }
