@@ -1,6 +1,7 @@
 //! `memgen generate` and `memgen score`: the plain backbone from the shell.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{DType, IndexOp};
@@ -10,7 +11,7 @@ use super::memory_args::{build_memgen, MemoryArgs};
 use super::ModelArgs;
 use crate::backbone::generate::{generate as run_generate, ids_tensor, Sampler, SamplingConfig};
 use crate::backbone::model::{positions_from_mask, positions_tensor};
-use crate::backbone::{self, LoadedModel, Mode};
+use crate::backbone::{self, LoadedModel, Mode, TextTokenizer};
 use crate::memory::generate::MemoryOptions;
 use crate::memory::teacher::TfRow;
 use crate::memory::MemGenModel;
@@ -75,88 +76,103 @@ pub fn load_model(a: &ModelArgs) -> anyhow::Result<LoadedModel> {
     backbone::load(&path, dtype, &device)
 }
 
-fn prompt_text(m: &LoadedModel, text: &str, chat: bool) -> anyhow::Result<String> {
-    if chat {
-        m.tokenizer.apply_chat_template(
-            &[Message {
-                role: "user".into(),
-                content: text.into(),
-            }],
-            true,
-        )
-    } else {
-        Ok(text.to_string())
-    }
-}
-
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(mg) = build_memgen(&a.model, &a.memory)? {
         return generate_with_memory(&a, &mg);
     }
     let m = load_model(&a.model)?;
-    let text = prompt_text(&m, &a.prompt, a.chat)?;
+    let text = chat_wrap(&m.tokenizer, &a.prompt, a.chat)?;
     let prompt_ids = m.tokenizer.encode(&text)?;
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    let mut sampler = Sampler::new(SamplingConfig {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        max_new_tokens: a.max_new_tokens,
-        seed: a.seed,
-    });
-    let stop: Vec<u32> = if a.ignore_eos {
-        vec![]
-    } else {
-        m.tokenizer.eos_ids.clone()
-    };
-    let tok = m.tokenizer.clone();
-    let mut so_far: Vec<u32> = vec![];
-    let mut printed = 0usize;
-    let stdout = std::io::stdout();
-    let stream = !a.json;
+    let mut sampler = sampler_for(&a);
+    let stop = stop_ids(&a, &m.tokenizer);
+    let mut stream = Stream::new(m.tokenizer.clone(), &stop, !a.json);
     let out = run_generate(
         &m.backbone,
         std::slice::from_ref(&prompt_ids),
         m.tokenizer.pad_id,
         &stop,
         &mut sampler,
-        |_, t| {
-            if !stream || stop.contains(&t) {
-                return;
-            }
-            so_far.push(t);
-            if let Ok(s) = tok.decode(&so_far) {
-                // Hold back an incomplete UTF-8 sequence until its last byte arrives.
-                if !s.ends_with('\u{FFFD}') && s.len() > printed {
-                    let mut lock = stdout.lock();
-                    let _ = lock.write_all(&s.as_bytes()[printed..]);
-                    let _ = lock.flush();
-                    printed = s.len();
-                }
-            }
-        },
+        |_, t| stream.token(t),
     )?;
     let g = &out[0];
     if a.json {
-        let shown: Vec<u32> = g
-            .tokens
-            .iter()
-            .copied()
-            .filter(|t| !(g.stopped && stop.contains(t)))
-            .collect();
-        let text = m.tokenizer.decode(&shown)?;
         let obj = serde_json::json!({
             "prompt_ids": prompt_ids,
             "token_ids": g.tokens,
-            "text": text,
+            "text": m.tokenizer.decode(&without_stop(&g.tokens, g.stopped, &stop))?,
         });
         println!("{obj}");
     } else {
         println!();
     }
     Ok(())
+}
+
+fn sampler_for(a: &GenerateArgs) -> Sampler {
+    Sampler::new(SamplingConfig {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+    })
+}
+
+fn stop_ids(a: &GenerateArgs, tok: &TextTokenizer) -> Vec<u32> {
+    if a.ignore_eos {
+        vec![]
+    } else {
+        tok.eos_ids.clone()
+    }
+}
+
+/// The generated tokens without the stop token that ended them.
+fn without_stop(tokens: &[u32], stopped: bool, stop: &[u32]) -> Vec<u32> {
+    tokens
+        .iter()
+        .copied()
+        .filter(|t| !(stopped && stop.contains(t)))
+        .collect()
+}
+
+/// Prints text to stdout as tokens arrive.
+struct Stream {
+    tok: Arc<TextTokenizer>,
+    stop: Vec<u32>,
+    on: bool,
+    so_far: Vec<u32>,
+    printed: usize,
+}
+
+impl Stream {
+    fn new(tok: Arc<TextTokenizer>, stop: &[u32], on: bool) -> Stream {
+        Stream {
+            tok,
+            stop: stop.to_vec(),
+            on,
+            so_far: vec![],
+            printed: 0,
+        }
+    }
+
+    fn token(&mut self, t: u32) {
+        if !self.on || self.stop.contains(&t) {
+            return;
+        }
+        self.so_far.push(t);
+        if let Ok(s) = self.tok.decode(&self.so_far) {
+            // Hold back an incomplete UTF-8 sequence until its last byte arrives.
+            if !s.ends_with('\u{FFFD}') && s.len() > self.printed {
+                let mut lock = std::io::stdout().lock();
+                let _ = lock.write_all(&s.as_bytes()[self.printed..]);
+                let _ = lock.flush();
+                self.printed = s.len();
+            }
+        }
+    }
 }
 
 pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
@@ -176,7 +192,7 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
         return score_answer(&mg, &a.text, answer, a.chat);
     }
     let m = load_model(&a.model)?;
-    let text = prompt_text(&m, &a.text, a.chat)?;
+    let text = chat_wrap(&m.tokenizer, &a.text, a.chat)?;
     let ids = m.tokenizer.encode(&text)?;
     if ids.is_empty() {
         anyhow::bail!("the text is empty");
@@ -244,58 +260,26 @@ fn generate_with_memory(a: &GenerateArgs, mg: &MemGenModel) -> anyhow::Result<()
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    let mut sampler = Sampler::new(SamplingConfig {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        max_new_tokens: a.max_new_tokens,
-        seed: a.seed,
-    });
-    let stop: Vec<u32> = if a.ignore_eos {
-        vec![]
-    } else {
-        tok.eos_ids.clone()
-    };
+    let mut sampler = sampler_for(a);
+    let stop = stop_ids(a, &tok);
     let opts = MemoryOptions {
         prompt_memory: mg.spec.insertion.max_prompt_aug_num > 0,
         max_inference: mg.spec.insertion.max_inference_aug_num,
         stop_ids: stop.clone(),
     };
-    let mut so_far: Vec<u32> = vec![];
-    let mut printed = 0usize;
-    let stdout = std::io::stdout();
-    let stream = !a.json;
+    let mut stream = Stream::new(tok.clone(), &stop, !a.json);
     let out = mg.generate(
         std::slice::from_ref(&prompt_ids),
         &opts,
         &mut sampler,
-        |_, t| {
-            if !stream || stop.contains(&t) {
-                return;
-            }
-            so_far.push(t);
-            if let Ok(s) = tok.decode(&so_far) {
-                if !s.ends_with('\u{FFFD}') && s.len() > printed {
-                    let mut lock = stdout.lock();
-                    let _ = lock.write_all(&s.as_bytes()[printed..]);
-                    let _ = lock.flush();
-                    printed = s.len();
-                }
-            }
-        },
+        |_, t| stream.token(t),
     )?;
     let g = &out[0];
     if a.json {
-        let shown: Vec<u32> = g
-            .tokens
-            .iter()
-            .copied()
-            .filter(|t| !(g.stopped && stop.contains(t)))
-            .collect();
         let obj = serde_json::json!({
             "prompt_ids": prompt_ids,
             "token_ids": g.tokens,
-            "text": tok.decode(&shown)?,
+            "text": tok.decode(&without_stop(&g.tokens, g.stopped, &stop))?,
             "insertions": g.insertions,
             "trigger_decisions": g.decisions,
         });
