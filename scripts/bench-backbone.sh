@@ -10,7 +10,7 @@ RUNS="${RUNS:-3}"
 DTYPE="${DTYPE:-f32}"
 if [ -n "${THREADS:-}" ]; then export RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS"; fi
 cargo build --release --bench backbone >/dev/null 2>&1 || cargo bench --no-run --bench backbone
-echo "# load before: $(uptime)"
+echo "# threads: ${THREADS:-all cores}; load before: $(uptime)"
 cargo bench -q --bench backbone -- default 1 128 128 "$RUNS" "$DTYPE" 2>/dev/null | grep '^model='
 cargo bench -q --bench backbone -- default 8 128 128 "$RUNS" "$DTYPE" 2>/dev/null | grep '^model='
 cargo bench -q --bench backbone -- qwen 1 128 128 "$RUNS" "$DTYPE" 2>/dev/null | grep '^model='

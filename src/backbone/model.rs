@@ -283,7 +283,6 @@ impl Backbone {
             }
             None => mask.to_vec(),
         };
-        let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
         let (cos, sin) = ops::rope_tables(positions, c.head_dim, c.rope_theta)?;
         if let Some(cache) = cache.as_deref_mut() {
             if !mode.grad() {
@@ -291,8 +290,19 @@ impl Backbone {
             }
         }
         let mut h = x.clone();
-        for li in 0..c.num_hidden_layers {
-            h = self.block(li, &h, &bias, &cos, &sin, cache.as_deref_mut(), mode)?;
+        if !mode.grad() && ops::fused_infer_ok(x.dtype(), x.device()) {
+            // Fused f32 CPU kernels: the mask is applied inside the attention kernel, and the
+            // rope tables are used as (B × L × hd/2) rows.
+            let half = c.head_dim / 2;
+            let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
+            for li in 0..c.num_hidden_layers {
+                h = self.block_infer(li, &h, &full_mask, past, &cos, &sin, cache.as_deref_mut())?;
+            }
+        } else {
+            let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
+            for li in 0..c.num_hidden_layers {
+                h = self.block(li, &h, &bias, &cos, &sin, cache.as_deref_mut(), mode)?;
+            }
         }
         if let Some(cache) = cache {
             cache.len += l;
@@ -346,6 +356,104 @@ impl Backbone {
         let mut out = dims;
         *out.last_mut().unwrap() = w.dim(0)?;
         y + delta.reshape(out)?
+    }
+
+    /// One decoder block in `Mode::Infer` on f32 CPU tensors: fused q/k/v and gate/up matmuls,
+    /// and fused rope, attention, SwiGLU and residual kernels (see `ops`). Same function as
+    /// [`Backbone::block`], with fewer passes over memory and no thread-pool round trips for
+    /// small elementwise ops.
+    #[allow(clippy::too_many_arguments)]
+    fn block_infer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        full_mask: &[Vec<u8>],
+        past: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.config();
+        let w = &self.weights.layers[li];
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let mode = &mut Mode::Infer;
+
+        let h = self.norm(x, &w.input_layernorm, mode)?;
+        let qkv = match (
+            &w.qkv_proj,
+            self.lora_on(li, &[Target::Q, Target::K, Target::V]),
+        ) {
+            (Some(wqkv), false) => {
+                let y = ops::frozen_linear(&h, wqkv, None)?;
+                match &w.qkv_bias {
+                    Some(b) => ops::add_infer(&y, b)?,
+                    None => y,
+                }
+            }
+            _ => {
+                let q = self.proj_infer(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref())?;
+                let k = self.proj_infer(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref())?;
+                let v = self.proj_infer(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref())?;
+                Tensor::cat(&[q, k, v], D::Minus1)?
+            }
+        };
+        // Rows [q heads | k heads | v heads], with rope applied to the q and k heads.
+        let rows = ops::rope_rows_infer(&qkv, cos, sin, nh + nkv, hd)?;
+        let k = ops::take_heads_infer(&rows, nh, nkv, hd)?;
+        let v = ops::take_heads_infer(&rows, nh + nkv, nkv, hd)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(li, &k, &v, false)?,
+            None => (k, v),
+        };
+        let attn = rows.apply_op3_no_bwd(
+            &k,
+            &v,
+            &ops::Attention {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                past,
+                mask: full_mask,
+            },
+        )?;
+        let o = self.proj_infer(li, Target::O, &attn, &w.o_proj, None)?;
+        let x = ops::add_infer(x, &o)?;
+
+        let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
+        let gate_up = match (
+            &w.gate_up_proj,
+            self.lora_on(li, &[Target::Gate, Target::Up]),
+        ) {
+            (Some(wgu), false) => ops::frozen_linear(&h, wgu, None)?,
+            _ => {
+                let gate = self.proj_infer(li, Target::Gate, &h, &w.gate_proj, None)?;
+                let up = self.proj_infer(li, Target::Up, &h, &w.up_proj, None)?;
+                Tensor::cat(&[gate, up], D::Minus1)?
+            }
+        };
+        let act = ops::silu_mul_infer(&gate_up)?;
+        let down = self.proj_infer(li, Target::Down, &act, &w.down_proj, None)?;
+        ops::add_infer(&x, &down)
+    }
+
+    fn lora_on(&self, li: usize, targets: &[Target]) -> bool {
+        targets.iter().any(|&t| self.lora.get(li, t).is_some())
+    }
+
+    /// [`Backbone::proj`] for `Mode::Infer`, adding the bias with the fused kernel.
+    fn proj_infer(
+        &self,
+        li: usize,
+        t: Target,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.proj(li, t, x, w, None, &mut Mode::Infer)?;
+        match bias {
+            Some(b) => ops::add_infer(&y, b),
+            None => Ok(y),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

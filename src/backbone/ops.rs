@@ -8,8 +8,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
+
+/// Up to this many input rows, [`frozen_linear`] on f32 CPU tensors uses [`kernels::linear_small`]
+/// instead of gemm.
+const SMALL_ROWS: usize = 16;
 
 /// `x @ w^T` for a frozen weight `w` (out × in): x is (n × in), the result (n × out).
 struct FrozenMatmul;
@@ -38,6 +42,16 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k, out, wt) = Self::dims(l1, l2)?;
+        // A few rows against a row-major weight (decoding): stream each weight row once and take
+        // dot products with every input row; gemm's packing costs more than the work here.
+        if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
+            if n <= SMALL_ROWS && l1.is_contiguous() && l2.is_contiguous() {
+                let x = &x[l1.start_offset()..l1.start_offset() + n * k];
+                let w = &w[l2.start_offset()..l2.start_offset() + out * k];
+                let y = kernels::linear_small(x, n, k, w, out);
+                return Ok((CpuStorage::F32(y), Shape::from((n, out))));
+            }
+        }
         let s = s1.matmul(s2, (1, n, out, k), l1, &wt)?;
         Ok((s, Shape::from((n, out))))
     }
@@ -382,4 +396,633 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     fused(&xc, value, "rope", move |_x, _res, g| {
         candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inference-only fused kernels (f32 on the CPU). They have no backward pass: `Mode::Infer` only.
+// Each replaces a chain of small Candle ops (and their temporaries, thread-pool wake-ups and
+// `.contiguous()` copies) by one pass over the data, computing the same arithmetic.
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the fused inference kernels apply to tensors of this dtype on this device.
+pub fn fused_infer_ok(dtype: DType, device: &candle_core::Device) -> bool {
+    dtype == DType::F32 && device.is_cpu()
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..]),
+        _ => candle_core::bail!("{what}: expected f32"),
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
+    }
+    Ok(&f32_slice(s, l, what)?[..l.shape().elem_count()])
+}
+
+/// `a + b` for same-shape tensors, or `b` 1-D and broadcast over the rows of `a` (a bias).
+struct AddF32;
+
+impl CustomOp2 for AddF32 {
+    fn name(&self) -> &'static str {
+        "add-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, "add")?;
+        let b = contiguous_f32(s2, l2, "add")?;
+        let y: Vec<f32> = if a.len() == b.len() {
+            a.iter().zip(b).map(|(x, y)| x + y).collect()
+        } else {
+            let w = b.len();
+            if w == 0 || a.len() % w != 0 {
+                candle_core::bail!("add: cannot broadcast {} over {}", w, a.len());
+            }
+            let mut y = Vec::with_capacity(a.len());
+            for row in a.chunks_exact(w) {
+                y.extend(row.iter().zip(b).map(|(x, y)| x + y));
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `a + b` (no backward; `b` the same shape as `a` or a bias over its last dimension).
+pub fn add_infer(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_infer_ok(a.dtype(), a.device()) && a.dtype() == b.dtype() {
+        let bias = b.rank() == 1 && a.dim(D::Minus1)? == b.dim(0)?;
+        if a.dims() == b.dims() || bias {
+            return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddF32);
+        }
+    }
+    a.broadcast_add(b)
+}
+
+/// `silu(g) * u` where the input rows are `[g | u]` (the fused gate/up projection).
+struct SiluMul;
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "silu_mul")?;
+        let mut dims = l.dims().to_vec();
+        let w2 = *dims.last().unwrap();
+        let w = w2 / 2;
+        *dims.last_mut().unwrap() = w;
+        let rows = x.len() / w2.max(1);
+        let mut y = vec![0f32; rows * w];
+        let f = |(src, dst): (&[f32], &mut [f32])| {
+            let (g, u) = src.split_at(w);
+            for ((d, &g), &u) in dst.iter_mut().zip(g).zip(u) {
+                // Candle's silu: x / (1 + exp(-x)).
+                *d = g / (1.0 + (-g).exp()) * u;
+            }
+        };
+        if rows * w >= kernels::PAR_ELEMS && kernels::threads() > 1 {
+            use rayon::prelude::*;
+            x.par_chunks(w2).zip(y.par_chunks_mut(w)).for_each(f);
+        } else {
+            x.chunks(w2).zip(y.chunks_mut(w)).for_each(f);
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
+/// `silu(x[.., :I]) * x[.., I:]` for the fused gate/up output (no backward).
+pub fn silu_mul_infer(gate_up: &Tensor) -> Result<Tensor> {
+    if fused_infer_ok(gate_up.dtype(), gate_up.device()) {
+        return gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul);
+    }
+    let w = gate_up.dim(D::Minus1)? / 2;
+    gate_up.narrow(D::Minus1, 0, w)?.silu()? * gate_up.narrow(D::Minus1, w, w)?
+}
+
+/// Rotary embedding on the first `heads` heads of rows `x` (B × L × W, W ≥ heads · hd), with
+/// `cos`/`sin` of shape (B × L × hd/2); the rest of each row is copied as is.
+struct RopeRows {
+    heads: usize,
+    head_dim: usize,
+}
+
+impl CustomOp3 for RopeRows {
+    fn name(&self) -> &'static str {
+        "rope-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "rope")?;
+        let cos = contiguous_f32(s2, l2, "rope cos")?;
+        let sin = contiguous_f32(s3, l3, "rope sin")?;
+        let (b, l, w) = l1.shape().dims3()?;
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        if cos.len() != b * l * half || sin.len() != cos.len() || self.heads * hd > w {
+            candle_core::bail!("rope: tables or width do not match the input");
+        }
+        let mut y = x.to_vec();
+        for (r, row) in y.chunks_exact_mut(w).enumerate() {
+            let (c, s) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
+            for head in row[..self.heads * hd].chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, bb) = (x1[i], x2[i]);
+                    x1[i] = a * c[i] - bb * s[i];
+                    x2[i] = bb * c[i] + a * s[i];
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// Rotary embedding (as [`apply_rope`]) of the first `heads` heads of each row of `x` (B × L × W);
+/// `cos`/`sin` are (B × L × hd/2). No backward.
+pub fn rope_rows_infer(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        &RopeRows { heads, head_dim },
+    )
+}
+
+/// Heads `start..start + n` of rows (B × L × W) as a contiguous (B × n × L × hd) tensor.
+struct TakeHeads {
+    start: usize,
+    n: usize,
+    head_dim: usize,
+}
+
+impl CustomOp1 for TakeHeads {
+    fn name(&self) -> &'static str {
+        "take-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "take_heads")?;
+        let (b, len, w) = l.shape().dims3()?;
+        let hd = self.head_dim;
+        if (self.start + self.n) * hd > w {
+            candle_core::bail!("take_heads: heads out of range");
+        }
+        let mut y = Vec::with_capacity(b * self.n * len * hd);
+        for bi in 0..b {
+            for h in self.start..self.start + self.n {
+                for i in 0..len {
+                    let o = (bi * len + i) * w + h * hd;
+                    y.extend_from_slice(&x[o..o + hd]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, self.n, len, hd))))
+    }
+}
+
+pub fn take_heads_infer(x: &Tensor, start: usize, n: usize, head_dim: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&TakeHeads { start, n, head_dim })
+}
+
+/// Causal grouped-query attention for inference. Queries are the first `heads` heads of the rows
+/// `qrows` (B × L × W); keys and values are (B × KV × T × hd) views (any strides but the last);
+/// the L queries sit at positions `past..past + L` of the T keys. Key j is visible to query i when
+/// j ≤ past + i and `mask[b][j] != 0`. A query that sees no key averages all T values, exactly as
+/// adding a `f32::MIN` bias everywhere and taking the softmax does. Output: (B × L × heads · hd).
+pub struct Attention<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub past: usize,
+    pub mask: &'a [Vec<u8>],
+}
+
+impl CustomOp3 for Attention<'_> {
+    fn name(&self) -> &'static str {
+        "attention-infer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, "attention q")?;
+        let (b, l, w) = l1.shape().dims3()?;
+        let k = f32_slice(s2, l2, "attention k")?;
+        let v = f32_slice(s3, l3, "attention v")?;
+        let (kb, kvh, t, hd) = l2.shape().dims4()?;
+        if l3.dims() != l2.dims()
+            || kb != b
+            || kvh != self.kv_heads
+            || hd != self.head_dim
+            || l2.stride()[3] != 1
+            || l3.stride()[3] != 1
+            || self.heads * hd > w
+            || !self.heads.is_multiple_of(kvh)
+            || t != self.past + l
+            || self.mask.len() != b
+            || self.mask.iter().any(|m| m.len() != t)
+        {
+            candle_core::bail!("attention: inconsistent shapes");
+        }
+        let dims = kernels::AttnDims {
+            b,
+            l,
+            t,
+            w,
+            heads: self.heads,
+            rep: self.heads / kvh,
+            hd,
+            past: self.past,
+            ks: [l2.stride()[0], l2.stride()[1], l2.stride()[2]],
+            vs: [l3.stride()[0], l3.stride()[1], l3.stride()[2]],
+        };
+        let y = kernels::attention(q, k, v, &dims, self.mask);
+        Ok((CpuStorage::F32(y), Shape::from((b, l, self.heads * hd))))
+    }
+}
+
+pub(crate) mod kernels {
+    use rayon::prelude::*;
+
+    /// Below this many multiply-adds a kernel runs on the calling thread: waking the pool costs
+    /// more than it saves.
+    pub const PAR_WORK: usize = 1 << 18;
+    /// The same for elementwise passes.
+    pub const PAR_ELEMS: usize = 1 << 16;
+
+    pub fn threads() -> usize {
+        rayon::current_num_threads()
+    }
+
+    /// A pointer into an output buffer that tasks write disjoint parts of.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: every task writes a disjoint set of elements, and the buffer outlives the tasks.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn ptr(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// `y (n × m) = x (n × k) · w (m × k)ᵀ`, streaming each weight row once.
+    pub fn linear_small(x: &[f32], n: usize, k: usize, w: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * m];
+        let out = Out(y.as_mut_ptr());
+        let run = |j0: usize, j1: usize| {
+            // SAFETY: this call writes only columns j0..j1 of y (n × m); x and w have n·k and m·k
+            // elements.
+            unsafe { linear_cols(x, n, k, w, m, j0, j1, out.ptr()) }
+        };
+        let nt = threads();
+        if n * m * k >= PAR_WORK && nt > 1 {
+            // Several chunks per thread so a thread that gets descheduled on a busy machine does
+            // not hold everyone up.
+            let chunk = m.div_ceil(nt * 8).next_multiple_of(4).max(4);
+            (0..m.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| run(c * chunk, ((c + 1) * chunk).min(m)));
+        } else {
+            run(0, m);
+        }
+        y
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn linear_cols(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: &[f32],
+        m: usize,
+        j0: usize,
+        j1: usize,
+        y: *mut f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return avx::linear_cols(x.as_ptr(), n, k, w.as_ptr(), m, j0, j1, y);
+        }
+        for j in j0..j1 {
+            let wr = &w[j * k..(j + 1) * k];
+            for i in 0..n {
+                *y.add(i * m + j) = dot(&x[i * k..(i + 1) * k], wr);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for i in 0..8 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        let mut s =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in ar.iter().zip(br) {
+            s += x * y;
+        }
+        s
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx {
+        use std::arch::x86_64::*;
+
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn linear_cols(
+            x: *const f32,
+            n: usize,
+            k: usize,
+            w: *const f32,
+            m: usize,
+            j0: usize,
+            j1: usize,
+            y: *mut f32,
+        ) {
+            if n == 1 {
+                // One input row: memory-bound, so walk the weights strictly in memory order (one
+                // long stream the hardware prefetcher follows; interleaved rows ran at 2/3 speed).
+                for j in j0..j1 {
+                    row_dot(x, k, w.add(j * k), y.add(j));
+                }
+                return;
+            }
+            // Several input rows: compute-bound, so tile CW weight rows × up to RX input rows in
+            // registers (fewer loads per multiply-add).
+            const CW: usize = 4;
+            const RX: usize = 3;
+            let mut j = j0;
+            while j + CW <= j1 {
+                let mut i = 0;
+                while i < n {
+                    match n - i {
+                        1 => tile::<CW, 1>(x, k, w, y, m, i, j),
+                        2 => tile::<CW, 2>(x, k, w, y, m, i, j),
+                        _ => tile::<CW, RX>(x, k, w, y, m, i, j),
+                    }
+                    i += (n - i).min(RX);
+                }
+                j += CW;
+            }
+            while j < j1 {
+                for i in 0..n {
+                    row_dot(x.add(i * k), k, w.add(j * k), y.add(i * m + j));
+                }
+                j += 1;
+            }
+        }
+
+        /// *y = x · w over k elements, with four independent accumulators.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn row_dot(x: *const f32, k: usize, w: *const f32, y: *mut f32) {
+            let mut a = [_mm256_setzero_ps(); 4];
+            let k32 = k / 32 * 32;
+            let mut p = 0;
+            while p < k32 {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let o = p + 8 * u;
+                    *au =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(w.add(o)), _mm256_loadu_ps(x.add(o)), *au);
+                }
+                p += 32;
+            }
+            while p + 8 <= k {
+                a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(p)), _mm256_loadu_ps(x.add(p)), a[0]);
+                p += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let mut s = hsum(v);
+            while p < k {
+                s += *x.add(p) * *w.add(p);
+                p += 1;
+            }
+            *y = s;
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hsum(a: __m256) -> f32 {
+            let hi = _mm256_extractf128_ps(a, 1);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), hi);
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+            _mm_cvtss_f32(s1)
+        }
+
+        /// y[i..i+R, j..j+C] from C weight rows and R input rows.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile<const C: usize, const R: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const f32,
+            y: *mut f32,
+            m: usize,
+            i: usize,
+            j: usize,
+        ) {
+            let mut acc = [[_mm256_setzero_ps(); R]; C];
+            let k8 = k / 8 * 8;
+            let mut p = 0;
+            while p < k8 {
+                let mut xv = [_mm256_setzero_ps(); R];
+                for (r, xr) in xv.iter_mut().enumerate() {
+                    *xr = _mm256_loadu_ps(x.add((i + r) * k + p));
+                }
+                for (c, ac) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_loadu_ps(w.add((j + c) * k + p));
+                    for r in 0..R {
+                        ac[r] = _mm256_fmadd_ps(wv, xv[r], ac[r]);
+                    }
+                }
+                p += 8;
+            }
+            for (c, ac) in acc.iter().enumerate() {
+                for (r, a) in ac.iter().enumerate() {
+                    let mut s = hsum(*a);
+                    for q in k8..k {
+                        s += *x.add((i + r) * k + q) * *w.add((j + c) * k + q);
+                    }
+                    *y.add((i + r) * m + j + c) = s;
+                }
+            }
+        }
+    }
+
+    pub struct AttnDims {
+        pub b: usize,
+        pub l: usize,
+        pub t: usize,
+        /// Row width of the query rows.
+        pub w: usize,
+        pub heads: usize,
+        /// Query heads per kv head.
+        pub rep: usize,
+        pub hd: usize,
+        pub past: usize,
+        /// Strides of k and v over (batch, kv head, position).
+        pub ks: [usize; 3],
+        pub vs: [usize; 3],
+    }
+
+    pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: &AttnDims, mask: &[Vec<u8>]) -> Vec<f32> {
+        let width = d.heads * d.hd;
+        let mut y = vec![0f32; d.b * d.l * width];
+        let out = Out(y.as_mut_ptr());
+        let run = |task: usize| {
+            let (bi, h) = (task / d.heads, task % d.heads);
+            // SAFETY: task (bi, h) writes only y[bi, .., h·hd..(h+1)·hd].
+            unsafe { head(q, k, v, d, &mask[bi], bi, h, out.ptr()) }
+        };
+        let tasks = d.b * d.heads;
+        let work = tasks * d.l * d.t.min(d.past + d.l) * d.hd * 2;
+        if work >= PAR_WORK && threads() > 1 {
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
+        }
+        y
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn head(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: &AttnDims,
+        mask: &[u8],
+        bi: usize,
+        h: usize,
+        y: *mut f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return head_avx(q, k, v, d, mask, bi, h, y);
+        }
+        head_body(q, k, v, d, mask, bi, h, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn head_avx(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: &AttnDims,
+        mask: &[u8],
+        bi: usize,
+        h: usize,
+        y: *mut f32,
+    ) {
+        head_body(q, k, v, d, mask, bi, h, y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn head_body(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: &AttnDims,
+        mask: &[u8],
+        bi: usize,
+        h: usize,
+        y: *mut f32,
+    ) {
+        let hd = d.hd;
+        let g = h / d.rep;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let kbase = bi * d.ks[0] + g * d.ks[1];
+        let vbase = bi * d.vs[0] + g * d.vs[1];
+        let krow = |j: usize| &k[kbase + j * d.ks[2]..kbase + j * d.ks[2] + hd];
+        let vrow = |j: usize| &v[vbase + j * d.vs[2]..vbase + j * d.vs[2] + hd];
+        let mut p = vec![0f32; d.t];
+        let mut acc = vec![0f32; hd];
+        for i in 0..d.l {
+            let qo = (bi * d.l + i) * d.w + h * hd;
+            let qi = &q[qo..qo + hd];
+            let limit = (d.past + i + 1).min(d.t);
+            let mut max = f32::NEG_INFINITY;
+            let mut any = false;
+            for j in 0..limit {
+                if mask[j] != 0 {
+                    // As the reference: (q·k) · (1/√hd) with the scale applied in f32.
+                    let s = dot(qi, krow(j)) * scale as f32;
+                    p[j] = s;
+                    max = max.max(s);
+                    any = true;
+                }
+            }
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            if any {
+                let mut sum = 0f32;
+                for j in 0..limit {
+                    if mask[j] != 0 {
+                        let e = (p[j] - max).exp();
+                        p[j] = e;
+                        sum += e;
+                    }
+                }
+                for j in 0..limit {
+                    if mask[j] != 0 {
+                        let pj = p[j] / sum;
+                        for (a, &x) in acc.iter_mut().zip(vrow(j)) {
+                            *a += pj * x;
+                        }
+                    }
+                }
+            } else {
+                let pj = 1.0 / d.t as f32;
+                for j in 0..d.t {
+                    for (a, &x) in acc.iter_mut().zip(vrow(j)) {
+                        *a += pj * x;
+                    }
+                }
+            }
+            let yo = (bi * d.l + i) * d.heads * hd + h * hd;
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(yo), hd);
+        }
+    }
 }

@@ -26,6 +26,52 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
+    /// `[q; k; v]` stacked by rows, so inference runs one matmul for all three; after
+    /// [`LayerWeights::fuse`] `q_proj`, `k_proj` and `v_proj` are views into it (no second copy).
+    pub qkv_proj: Option<Tensor>,
+    /// `[q_bias, k_bias, v_bias]` when the projections have biases (then `q_bias`… are views).
+    pub qkv_bias: Option<Tensor>,
+    /// `[gate; up]` stacked by rows; `gate_proj` and `up_proj` are then views into it.
+    pub gate_up_proj: Option<Tensor>,
+}
+
+impl LayerWeights {
+    /// Stack q/k/v and gate/up into single matrices (fewer, larger matmuls) and make the separate
+    /// fields views into them, so memory use is unchanged.
+    pub fn fuse(&mut self) -> candle_core::Result<()> {
+        if self.qkv_proj.is_some() || self.gate_up_proj.is_some() {
+            return Ok(());
+        }
+        let rows = |t: &Tensor| t.dim(0);
+        let (nq, nk, nv) = (
+            rows(&self.q_proj)?,
+            rows(&self.k_proj)?,
+            rows(&self.v_proj)?,
+        );
+        let qkv = Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0)?;
+        let biases = [&self.q_bias, &self.k_bias, &self.v_bias];
+        if biases.iter().all(|b| b.is_some()) {
+            let b: Vec<&Tensor> = biases.iter().map(|b| b.as_ref().unwrap()).collect();
+            let qkv_b = Tensor::cat(&b, 0)?;
+            self.q_bias = Some(qkv_b.narrow(0, 0, nq)?);
+            self.k_bias = Some(qkv_b.narrow(0, nq, nk)?);
+            self.v_bias = Some(qkv_b.narrow(0, nq + nk, nv)?);
+            self.qkv_bias = Some(qkv_b);
+        } else if biases.iter().any(|b| b.is_some()) {
+            // Mixed biases: keep the projections separate.
+            return Ok(());
+        }
+        self.q_proj = qkv.narrow(0, 0, nq)?;
+        self.k_proj = qkv.narrow(0, nq, nk)?;
+        self.v_proj = qkv.narrow(0, nq + nk, nv)?;
+        self.qkv_proj = Some(qkv);
+        let ng = rows(&self.gate_proj)?;
+        let gu = Tensor::cat(&[&self.gate_proj, &self.up_proj], 0)?;
+        self.gate_proj = gu.narrow(0, 0, ng)?;
+        self.up_proj = gu.narrow(0, ng, rows(&self.up_proj)?)?;
+        self.gate_up_proj = Some(gu);
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -139,6 +185,9 @@ impl BaseWeights {
                 down_proj: load(&format!("{p}.ffn_down.weight"))?,
                 input_layernorm: load(&format!("{p}.attn_norm.weight"))?,
                 post_attention_layernorm: load(&format!("{p}.ffn_norm.weight"))?,
+                qkv_proj: None,
+                qkv_bias: None,
+                gate_up_proj: None,
             });
         }
         let norm = load("output_norm.weight")?;
@@ -147,7 +196,7 @@ impl BaseWeights {
         } else {
             load("output.weight")?
         };
-        let w = BaseWeights {
+        let mut w = BaseWeights {
             config,
             embed_tokens,
             layers,
@@ -157,6 +206,8 @@ impl BaseWeights {
             device: device.clone(),
         };
         w.check_shapes(&file)?;
+        w.fuse()
+            .map_err(|e| BackboneError::format(&file, format!("fusing projections: {e}")))?;
         Ok(w)
     }
 
@@ -209,6 +260,9 @@ impl BaseWeights {
                 down_proj: load(&format!("{p}.mlp.down_proj.weight"))?,
                 input_layernorm: load(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: load(&format!("{p}.post_attention_layernorm.weight"))?,
+                qkv_proj: None,
+                qkv_bias: None,
+                gate_up_proj: None,
             });
         }
         let norm = load("model.norm.weight")?;
@@ -217,7 +271,7 @@ impl BaseWeights {
         } else {
             embed_tokens.clone()
         };
-        let w = BaseWeights {
+        let mut w = BaseWeights {
             config,
             embed_tokens,
             layers,
@@ -227,6 +281,8 @@ impl BaseWeights {
             device: device.clone(),
         };
         w.check_shapes(&shown)?;
+        w.fuse()
+            .map_err(|e| BackboneError::format(&shown, format!("fusing projections: {e}")))?;
         Ok(w)
     }
 
@@ -380,6 +436,9 @@ impl BaseWeights {
                 )?,
                 input_layernorm: (t(&[d], 0.2)? + 1.0)?,
                 post_attention_layernorm: (t(&[d], 0.2)? + 1.0)?,
+                qkv_proj: None,
+                qkv_bias: None,
+                gate_up_proj: None,
             });
         }
         let norm = (t(&[d], 0.2)? + 1.0)?;
@@ -388,7 +447,7 @@ impl BaseWeights {
         } else {
             t(&[c.vocab_size, d], s)?
         };
-        Ok(BaseWeights {
+        let mut w = BaseWeights {
             config,
             embed_tokens,
             layers,
@@ -396,7 +455,14 @@ impl BaseWeights {
             lm_head,
             dtype: DType::F32,
             device: device.clone(),
-        })
+        };
+        w.fuse()?;
+        Ok(w)
+    }
+
+    /// Fuse every layer's projections (see [`LayerWeights::fuse`]).
+    pub fn fuse(&mut self) -> candle_core::Result<()> {
+        self.layers.iter_mut().try_for_each(LayerWeights::fuse)
     }
 }
 
