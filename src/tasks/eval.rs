@@ -257,3 +257,25 @@ pub fn evaluate(
     crate::util::write_atomic(&dir.join("metrics.json"), text.as_bytes())?;
     Ok(metrics)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_last_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("answers.jsonl");
+        assert!(read_answers(&p).unwrap().is_empty());
+        let row = r#"{"id":"a","prompt":"p","completion":"c","gold":{},"extracted":null,"reward":1.0,"metrics":{},"insertion_points":[{"pos":3,"kind":"prompt"}]}"#;
+        std::fs::write(&p, format!("{row}\n{{\"id\":\"b\",\"compl")).unwrap();
+        let rows = read_answers(&p).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].row.id, "a");
+        assert_eq!(rows[0].insertion_points.len(), 1);
+        // The torn tail is cut so the next append starts on a fresh line.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{row}\n"));
+        std::fs::write(&p, "not json\n").unwrap();
+        assert!(read_answers(&p).is_err());
+    }
+}
