@@ -262,3 +262,21 @@ fn bad_inputs() {
         "no such checkpoint",
     );
 }
+
+#[test]
+fn resume_refuses_other_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&gsm8k(tmp.path(), 1, &["--vanilla"]));
+    let out = gsm8k(
+        tmp.path(),
+        2,
+        &[
+            "--vanilla",
+            "--options",
+            "run.generation.max_new_tokens",
+            "12",
+        ],
+    );
+    one_line_error(&out, "max_new_tokens");
+    assert_eq!(rows(tmp.path()).len(), 1);
+}

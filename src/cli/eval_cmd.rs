@@ -169,6 +169,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         serde_json::json!(gen.max_new_tokens),
     );
     info.insert("temperature".into(), serde_json::json!(gen.temperature));
+    info.insert("top_p".into(), serde_json::json!(gen.top_p));
+    info.insert("top_k".into(), serde_json::json!(gen.top_k));
+    info.insert("max_turns".into(), serde_json::json!(gen.max_turns));
+    info.insert(
+        "insertion".into(),
+        serde_json::to_value(&model.spec.insertion)?,
+    );
+    info.insert(
+        "latents".into(),
+        serde_json::json!([
+            model.spec.prompt_latents_len,
+            model.spec.inference_latents_len
+        ]),
+    );
     let settings = EvalSettings {
         batch_size: args.batch_size.unwrap_or(gen.batch_size).max(1),
         sampling: SamplingConfig {

@@ -111,6 +111,30 @@ fn graded_of(r: &EvalRow) -> Graded {
     }
 }
 
+/// Resuming must not mix rows made with different settings: `settings.json` records `info` (the
+/// model and generation settings; not the sample count or batch size, which may change).
+fn check_settings(
+    dir: &Path,
+    info: &BTreeMap<String, serde_json::Value>,
+    have_rows: bool,
+) -> anyhow::Result<()> {
+    let path = dir.join("settings.json");
+    if have_rows {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let old: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            if let Some((k, v)) = info.iter().find(|(k, v)| old.get(*k) != Some(*v)) {
+                anyhow::bail!(
+                    "{} holds answers made with {k} = {}, not {v}; pass another --output-dir or remove it",
+                    dir.display(),
+                    old.get(k).map_or("(unset)".to_string(), |o| o.to_string())
+                );
+            }
+        }
+    }
+    crate::util::write_atomic(&path, serde_json::to_string_pretty(info)?.as_bytes())
+}
+
 /// Set by a Ctrl-C handler: finish the current batch, then stop.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -125,6 +149,7 @@ pub fn evaluate(
     let dir = &settings.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let answers = dir.join("answers.jsonl");
+    check_settings(dir, &settings.info, answers.is_file())?;
     let done = read_answers(&answers)?;
     let done_ids: HashSet<&str> = done.iter().map(|r| r.row.id.as_str()).collect();
     let todo: Vec<&Sample> = samples
