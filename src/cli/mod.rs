@@ -1,6 +1,7 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
 mod backbone_cmds;
+pub mod eval_cmd;
 pub mod memory_args;
 
 pub use backbone_cmds::top_logits;
@@ -31,6 +32,8 @@ pub enum Command {
     Retriever(crate::retrieval::cli::RetrieverArgs),
     /// Grade existing completions (an answers.jsonl) with a task's grader; print summary metrics.
     Grade(crate::tasks::grade::GradeArgs),
+    /// Evaluate on a task's test split (with a trained weaver, or --vanilla): answers.jsonl + metrics.json.
+    Eval(eval_cmd::EvalArgs),
 }
 
 /// Options every model-loading command shares.
@@ -71,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => backbone_cmds::score(a),
         Command::Retriever(args) => crate::retrieval::cli::run(args),
         Command::Grade(args) => crate::tasks::grade::run_grade(&args),
+        Command::Eval(args) => eval_cmd::run(args),
     }
 }
 

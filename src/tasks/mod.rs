@@ -14,6 +14,8 @@ pub mod choice;
 pub mod code;
 pub mod config;
 pub mod data;
+pub mod episode;
+pub mod eval;
 pub mod grade;
 pub mod gsm8k;
 pub mod math;

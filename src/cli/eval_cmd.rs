@@ -1,0 +1,210 @@
+//! `memgen eval`: evaluate the reasoner with a trained weaver (or the plain reasoner) on a task's
+//! test split, as the original's `eval.sh` does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::backbone::{self, generate::SamplingConfig};
+use crate::config::{parse_options, RunConfig};
+use crate::memory::checkpoint::{resolve_checkpoint, Part};
+use crate::memory::{MemGenModel, MemGenSpec};
+use crate::retrieval::client::HttpRetriever;
+use crate::tasks::episode::EpisodeOptions;
+use crate::tasks::eval::{evaluate, EvalSettings, STOP};
+use crate::tasks::search::{token_truncator, EnvConfig, SearchEnv};
+use crate::tasks::{build_task, Split};
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Run config (YAML), e.g. configs/latent_memory/gsm8k.yaml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Config overrides as dotted `key value` pairs (e.g. `model.max_inference_aug_num 3`).
+    #[arg(long, num_args = 1.., value_names = ["KEY", "VALUE"])]
+    pub options: Vec<String>,
+    /// The trained checkpoint: `model.safetensors` (memgen's or the original's) or its directory.
+    #[arg(long)]
+    pub load_model_path: Option<PathBuf>,
+    /// Evaluate the plain reasoner (no memory).
+    #[arg(long)]
+    pub vanilla: bool,
+    /// Evaluate with a freshly initialised weaver when no checkpoint is given (for testing).
+    #[arg(long)]
+    pub allow_untrained: bool,
+    /// Where `evaluate/` goes (default: the config's run.output_dir).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Evaluate the first N test rows (overrides run.generation.max_samples).
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    /// Rows generated together (overrides run.generation.batch_size).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+}
+
+/// The model to evaluate: vanilla, a checkpoint, or (only when asked) an untrained weaver.
+fn build_model(args: &EvalArgs, cfg: &RunConfig) -> anyhow::Result<(MemGenModel, String)> {
+    let device = backbone::parse_device(&cfg.model.device)?;
+    let mut spec = cfg.memgen_spec(false);
+    if args.vanilla {
+        // Zero-length memories are the plain reasoner exactly, with no weaver compute.
+        spec.prompt_latents_len = 0;
+        spec.inference_latents_len = 0;
+        spec.trigger_model = None;
+        return Ok((MemGenModel::build(&spec, &device)?, "vanilla".into()));
+    }
+    let path = args
+        .load_model_path
+        .clone()
+        .or_else(|| cfg.model.load_model_path.clone());
+    let Some(path) = path else {
+        if !args.allow_untrained {
+            anyhow::bail!(
+                "no trained weaver: pass --load-model-path <checkpoint>, or --vanilla for the plain reasoner (--allow-untrained evaluates a random weaver)"
+            );
+        }
+        eprintln!("warning: evaluating an untrained weaver (seeded random initialisation)");
+        return Ok((MemGenModel::build(&spec, &device)?, "untrained".into()));
+    };
+    let (file, saved) = resolve_checkpoint(&path)?;
+    if let Some(saved) = saved {
+        // The checkpoint fixes the architecture; the run config sets the eval-time insertion caps.
+        let wanted = spec.reasoner_model.clone();
+        spec = MemGenSpec {
+            insertion: spec.insertion,
+            dtype: spec.dtype,
+            trigger_model: saved.trigger_model.clone().or(spec.trigger_model),
+            ..saved
+        };
+        if wanted != "default" && wanted != spec.reasoner_model {
+            eprintln!(
+                "warning: using the checkpoint's reasoner `{}` (the config names `{wanted}`)",
+                spec.reasoner_model
+            );
+        }
+    }
+    let m = MemGenModel::build(&spec, &device)?;
+    let mut parts = vec![Part::Weaver];
+    if m.trigger.is_some() {
+        parts.push(Part::Trigger);
+    }
+    let missing = m.load_weights(&file, &parts)?;
+    let weaver_missing = missing
+        .iter()
+        .filter(|k| !k.starts_with("trigger."))
+        .count();
+    let weaver_keys = m
+        .named_vars()
+        .iter()
+        .filter(|(_, _, p)| *p == Part::Weaver)
+        .count();
+    if weaver_missing == weaver_keys {
+        anyhow::bail!("{}: holds no weaver tensors", file.display());
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {} trainable tensors not in {} (left at their initial values), e.g. {}",
+            missing.len(),
+            file.display(),
+            missing[0]
+        );
+    }
+    Ok((m, file.display().to_string()))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if args.vanilla && args.load_model_path.is_some() {
+        anyhow::bail!("--vanilla and --load-model-path exclude each other");
+    }
+    if args.batch_size == Some(0) {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let options = parse_options(&args.options)?;
+    let cfg = RunConfig::load(&args.config, &options)?;
+    let ds = cfg.dataset()?;
+    let task = build_task(&ds.task)?;
+    let gen = &cfg.run.generation;
+    let max_samples = args.max_samples.or(gen.max_samples);
+    let mut samples = task.load(Split::Test)?;
+    if let Some(n) = max_samples {
+        samples.truncate(n);
+    }
+    if samples.is_empty() {
+        anyhow::bail!("no test samples for {} (check test_path)", ds.name);
+    }
+    let (model, model_desc) = build_model(&args, &cfg)?;
+
+    let env = if task.multi_turn() {
+        let retriever = HttpRetriever::new(cfg.retrieval.clone())?;
+        let (t1, t2) = (model.tokenizer.clone(), model.tokenizer.clone());
+        let mut ec = EnvConfig::from_task(&ds.task).with_truncate(token_truncator(
+            gen.max_obs_tokens,
+            move |s| t1.encode(s).unwrap_or_default(),
+            move |ids| t2.decode(ids).unwrap_or_default(),
+        ));
+        ec.max_turns = gen.max_turns;
+        Some(SearchEnv::new(Arc::new(retriever), ec))
+    } else {
+        None
+    };
+
+    let dir = args
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| cfg.output_dir())
+        .join("evaluate");
+    let mut info = BTreeMap::new();
+    info.insert("task".into(), serde_json::json!(ds.name));
+    info.insert("model".into(), serde_json::json!(model_desc));
+    info.insert(
+        "reasoner".into(),
+        serde_json::json!(model.spec.reasoner_model),
+    );
+    info.insert(
+        "max_new_tokens".into(),
+        serde_json::json!(gen.max_new_tokens),
+    );
+    info.insert("temperature".into(), serde_json::json!(gen.temperature));
+    info.insert("top_p".into(), serde_json::json!(gen.top_p));
+    info.insert("top_k".into(), serde_json::json!(gen.top_k));
+    info.insert("max_turns".into(), serde_json::json!(gen.max_turns));
+    info.insert(
+        "insertion".into(),
+        serde_json::to_value(&model.spec.insertion)?,
+    );
+    info.insert(
+        "latents".into(),
+        serde_json::json!([
+            model.spec.prompt_latents_len,
+            model.spec.inference_latents_len
+        ]),
+    );
+    let settings = EvalSettings {
+        batch_size: args.batch_size.unwrap_or(gen.batch_size).max(1),
+        sampling: SamplingConfig {
+            temperature: gen.temperature,
+            top_p: gen.top_p,
+            top_k: gen.top_k,
+            max_new_tokens: gen.max_new_tokens,
+            seed: cfg.run.seed,
+        },
+        episode: EpisodeOptions::from_model(&model, gen.max_turns, cfg.run.seed),
+        dir: dir.clone(),
+        info,
+    };
+    // First Ctrl-C: finish the batch in flight (its rows are kept), then stop; second: exit now.
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current batch (Ctrl-C again to quit now)");
+    });
+    let metrics = evaluate(&model, task.as_ref(), &samples, env.as_ref(), &settings)?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    eprintln!("eval: wrote {}", dir.display());
+    Ok(())
+}

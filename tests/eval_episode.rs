@@ -1,0 +1,198 @@
+//! The episode runner as training uses it: the recorded tokens, mask and memory points must be
+//! exactly what the reasoner read, so teacher forcing at those points reproduces the rollout.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use memgen::backbone::generate::{argmax, Sampler, SamplingConfig};
+use memgen::backbone::Mode;
+use memgen::memory::{Kind, MemGenModel, MemGenSpec};
+use memgen::retrieval::{Passage, Retriever};
+use memgen::tasks::episode::{run_episodes, EpisodeOptions};
+use memgen::tasks::search::{EnvConfig, SearchEnv};
+use memgen::tasks::{render_chatml, Message, Sample};
+
+fn model() -> MemGenModel {
+    if std::env::var("MEMGEN_MODELS_DIR").is_err() {
+        let dir = common::model("default").parent().unwrap().to_path_buf();
+        std::env::set_var("MEMGEN_MODELS_DIR", dir);
+    }
+    let mut spec = MemGenSpec::new("default");
+    spec.prompt_latents_len = 2;
+    spec.inference_latents_len = 2;
+    MemGenModel::build(&spec, &Device::Cpu).unwrap()
+}
+
+fn sample(id: &str, q: &str) -> Sample {
+    Sample {
+        id: id.into(),
+        messages: vec![Message::user(q)],
+        target: None,
+        gold: serde_json::json!({}),
+    }
+}
+
+fn greedy(n: usize) -> Sampler {
+    Sampler::new(SamplingConfig {
+        max_new_tokens: n,
+        ..Default::default()
+    })
+}
+
+struct Fixed;
+impl Retriever for Fixed {
+    fn retrieve(&self, queries: &[String], _topk: usize) -> anyhow::Result<Vec<Vec<Passage>>> {
+        Ok(queries
+            .iter()
+            .map(|_| {
+                vec![Passage {
+                    id: "0".into(),
+                    contents: "\"Paris\"\nParis is the capital of France.".into(),
+                    score: None,
+                }]
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn single_turn_rollout_replays_under_teacher_forcing() {
+    let m = model();
+    let samples = vec![
+        sample("a", "Count: one, two, three, four, five, six."),
+        sample("b", "Say hello."),
+    ];
+    let opts = EpisodeOptions {
+        max_turns: 1,
+        max_prompt_aug_num: 1,
+        max_inference_aug_num: 2,
+        seed: 1,
+    };
+    let eps = run_episodes(&m, &samples, None, &opts, &mut greedy(12)).unwrap();
+    assert_eq!(eps.len(), 2);
+    for (s, e) in samples.iter().zip(&eps) {
+        assert_eq!(e.id, s.id);
+        let prompt = m
+            .tokenizer
+            .encode(&render_chatml(&s.messages, true))
+            .unwrap();
+        assert_eq!(&e.tokens[..e.prompt_len], &prompt[..]);
+        assert_eq!(e.tokens.len(), e.generated.len());
+        assert!(e.generated[..e.prompt_len].iter().all(|&g| !g));
+        assert!(e.generated[e.prompt_len..].iter().all(|&g| g));
+        assert_eq!(e.tokens.len() - e.prompt_len, e.sampled_tokens);
+        assert_eq!(e.turns.len(), 1);
+        assert_eq!(
+            e.points[0],
+            memgen::memory::Point {
+                pos: e.prompt_len,
+                kind: Kind::Prompt
+            }
+        );
+        assert!(e.points.len() <= 3);
+        assert!(e.decisions.iter().all(|d| d.insert && d.pos > e.prompt_len));
+    }
+    assert!(
+        eps[0].points.iter().any(|p| p.kind == Kind::Inference),
+        "a comma-rich answer should get inference memories: {:?}",
+        eps[0]
+    );
+    // Greedy: the teacher-forced argmax at every generated token is that token.
+    let rows: Vec<_> = eps.iter().map(|e| e.tf_row()).collect();
+    let out = m.teacher_forced(&rows, &mut Mode::Infer).unwrap();
+    for (b, e) in eps.iter().enumerate() {
+        for i in e.prompt_len..e.tokens.len() {
+            let h = out
+                .hidden
+                .get(b)
+                .unwrap()
+                .get(i - 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m
+                .reasoner
+                .logits(&h)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(argmax(&logits), e.tokens[i], "row {b}, token {i}");
+        }
+    }
+}
+
+#[test]
+fn multi_turn_records_the_conversation() {
+    let m = model();
+    let env = SearchEnv::new(
+        Arc::new(Fixed),
+        EnvConfig {
+            max_turns: 2,
+            topk: 3,
+            use_information_tags: false,
+            truncate: Arc::new(|s: &str| s.to_string()),
+        },
+    );
+    let samples = vec![Sample {
+        id: "q".into(),
+        messages: vec![
+            Message::system(
+                "Answer inside <answer> and </answer>, or search with <search> query </search>.",
+            ),
+            Message::user("What is the capital of France?"),
+        ],
+        target: None,
+        gold: serde_json::json!({}),
+    }];
+    let opts = EpisodeOptions {
+        max_turns: 2,
+        max_prompt_aug_num: 8,
+        max_inference_aug_num: 0,
+        seed: 1,
+    };
+    let e = run_episodes(&m, &samples, Some(&env), &opts, &mut greedy(10))
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(!e.turns.is_empty() && e.turns.len() <= 2);
+    assert_eq!(e.points.len(), e.turns.len());
+    for (p, t) in e.points.iter().zip(&e.turns) {
+        assert_eq!((p.pos, p.kind), (t.start, Kind::Prompt));
+        assert!(e.generated[t.start..t.start + t.len].iter().all(|&g| g));
+        assert!(!e.generated[t.start - 1]);
+    }
+    let assistants = e.messages.iter().filter(|m| m.role == "assistant").count();
+    assert_eq!(assistants, e.turns.len());
+    if e.turns.len() == 2 {
+        // The observation between the turns is masked out and is what the model read.
+        let t0 = &e.turns[0];
+        let obs = t0.observation.as_ref().expect("observation");
+        let between = &e.tokens[t0.start + t0.len..e.turns[1].start];
+        let text = m.tokenizer.decode(between).unwrap();
+        assert_eq!(
+            text,
+            format!("<|im_end|>\n<|im_start|>user\n{obs}<|im_end|>\n<|im_start|>assistant\n")
+        );
+        let masked = e.generated[t0.start + t0.len..e.turns[1].start]
+            .iter()
+            .filter(|&&g| !g)
+            .count();
+        assert_eq!(
+            masked,
+            between.len() - 2,
+            "only <|im_end|>\\n is the model's"
+        );
+    }
+    assert_eq!(
+        e.completion,
+        e.turns
+            .iter()
+            .map(|t| t.response.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
