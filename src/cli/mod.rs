@@ -2,6 +2,7 @@
 
 mod backbone_cmds;
 pub mod memory_args;
+pub mod train_cmd;
 
 pub use backbone_cmds::top_logits;
 
@@ -31,6 +32,10 @@ pub enum Command {
     Retriever(crate::retrieval::cli::RetrieverArgs),
     /// Grade existing completions (an answers.jsonl) with a task's grader; print summary metrics.
     Grade(crate::tasks::grade::GradeArgs),
+    /// Train the weaver (SFT or GRPO, per run.train_weaver_method) from a run config.
+    WeaverTrain(train_cmd::TrainArgs),
+    /// Train the trigger with GRPO on top of a trained weaver (--load-model-path).
+    TriggerTrain(train_cmd::TrainArgs),
 }
 
 /// Options every model-loading command shares.
@@ -71,6 +76,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => backbone_cmds::score(a),
         Command::Retriever(args) => crate::retrieval::cli::run(args),
         Command::Grade(args) => crate::tasks::grade::run_grade(&args),
+        Command::WeaverTrain(a) => train_cmd::run(a, train_cmd::Which::Weaver),
+        Command::TriggerTrain(a) => train_cmd::run(a, train_cmd::Which::Trigger),
     }
 }
 
