@@ -424,10 +424,13 @@ pub fn train_grpo(
         cfg.warmup_ratio,
         plan.total_steps * iters,
     );
-    let vars = match target {
-        Target::Weaver => model.weaver_vars(),
-        Target::Trigger => model.trigger_vars(),
-    };
+    // In checkpoint-key order, so the reference policy's saved tensors line up with them.
+    let vars: Vec<Var> = model
+        .named_vars()
+        .into_iter()
+        .filter(|(_, _, p)| *p == target.part())
+        .map(|(_, v, _)| v)
+        .collect();
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
