@@ -39,7 +39,9 @@ fn tiny_tokenizer() -> Arc<TextTokenizer> {
         .build()
         .unwrap();
     let mut tk = tokenizers::Tokenizer::new(wl);
-    tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+    tk.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
     Arc::new(TextTokenizer {
         inner: tk,
         bos_token: None,
@@ -209,7 +211,8 @@ fn grpo_losses_by_hand() {
         .collect();
     // Token 3: r = e^0.5 ≈ 1.65, A < 0: min(r·A, 1.2·A) = r·A (unclipped, pessimistic side).
     assert!((per[3] - 0.5 * 0.5f64.exp()).abs() < 1e-12);
-    let t = |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
+    let t =
+        |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
     let loss = |ty: &str, beta: f64, refl: Option<&Tensor>| {
         let spec = LossSpec {
             loss_type: ty.into(),
@@ -275,7 +278,12 @@ fn tiny_model_overfits_four_samples() {
     assert!(after < 0.7 * before, "loss {before} → {after}");
     assert!(o.last_loss < o.first_loss);
     // The run's artefacts.
-    for f in ["weaver/model.safetensors", "weaver/memgen.json", "metrics.jsonl", "curves.svg"] {
+    for f in [
+        "weaver/model.safetensors",
+        "weaver/memgen.json",
+        "metrics.jsonl",
+        "curves.svg",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
     let svg = std::fs::read_to_string(dir.path().join("curves.svg")).unwrap();
@@ -318,7 +326,11 @@ fn sft_resume_is_bit_identical() {
     // A fresh model picks up <out>/checkpoint-last automatically.
     let b2 = run(resumed.path(), None);
     assert_eq!((a.steps, b2.steps), (6, 6));
-    for f in ["checkpoint-last/model.safetensors", "checkpoint-last/optimizer.safetensors", "weaver/model.safetensors"] {
+    for f in [
+        "checkpoint-last/model.safetensors",
+        "checkpoint-last/optimizer.safetensors",
+        "weaver/model.safetensors",
+    ] {
         assert_eq!(
             read_tensors(&straight.path().join(f)),
             read_tensors(&resumed.path().join(f)),
@@ -407,7 +419,11 @@ fn grpo_runs_and_resumes_bit_identically() {
         assert!(a.first_reward.is_finite());
         run(resumed.path(), Some(2));
         run(resumed.path(), None);
-        let name = if target == grpo::Target::Weaver { "weaver" } else { "trigger" };
+        let name = if target == grpo::Target::Weaver {
+            "weaver"
+        } else {
+            "trigger"
+        };
         let f = format!("{name}/model.safetensors");
         assert_eq!(
             read_tensors(&straight.path().join(&f)),

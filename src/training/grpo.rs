@@ -323,7 +323,10 @@ pub fn trigger_logprobs(
     )?;
     let t = if temperature > 0.0 { temperature } else { 1.0 };
     let n = sel.len();
-    let lg = (lg.reshape((b * l, 2))?.index_select(&Tensor::from_vec(sel, n, &dev)?, 0)? / t)?;
+    let lg = (lg
+        .reshape((b * l, 2))?
+        .index_select(&Tensor::from_vec(sel, n, &dev)?, 0)?
+        / t)?;
     let lsm = candle_nn::ops::log_softmax(&lg, D::Minus1)?;
     let lp = lsm
         .gather(&Tensor::from_vec(act, (n, 1), &dev)?, 1)?
@@ -350,7 +353,10 @@ fn with_values<T>(
     values: &[Tensor],
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let saved: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_, _>>()?;
+    let saved: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<Result<_, _>>()?;
     for (v, x) in vars.iter().zip(values) {
         v.set(x)?;
     }
@@ -550,13 +556,14 @@ pub fn train_grpo(
             let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
             let mut any = false;
             for (j, (rs, adv, old, refl)) in batches.iter().enumerate() {
-                let mut rng = step_rng(
-                    run.seed,
-                    ((s * iters + it) * plan.accum + j) as u64,
-                    0x6A0,
-                );
-                let (new, seq) =
-                    policy_logprobs(model, target, rs, cfg.temperature, &mut Mode::Train(&mut rng))?;
+                let mut rng = step_rng(run.seed, ((s * iters + it) * plan.accum + j) as u64, 0x6A0);
+                let (new, seq) = policy_logprobs(
+                    model,
+                    target,
+                    rs,
+                    cfg.temperature,
+                    &mut Mode::Train(&mut rng),
+                )?;
                 if seq.is_empty() {
                     continue; // no policy tokens (e.g. no trigger decisions)
                 }
@@ -604,7 +611,7 @@ pub fn train_grpo(
         let len = all.iter().map(|r| r.gen.tokens.len()).sum::<usize>() as f64 / n;
         first_reward.get_or_insert(rmean);
         last_reward = rmean;
-        if state.step % cfg.logging_steps.max(1) == 0 || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
             let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
             rec["loss"] = json!(loss_sum);
             rec["reward"] = json!(rmean);
@@ -622,7 +629,10 @@ pub fn train_grpo(
             );
             pb.set_message(msg.clone());
             if pb.is_hidden() {
-                say(&pb, &format!("step {}/{} {msg}", state.step, plan.total_steps));
+                say(
+                    &pb,
+                    &format!("step {}/{} {msg}", state.step, plan.total_steps),
+                );
             }
         }
 
@@ -646,7 +656,10 @@ pub fn train_grpo(
             metrics.log(rec)?;
             say(
                 &pb,
-                &format!("step {} validation reward {vr:.3} insertions {vins:.2}", state.step),
+                &format!(
+                    "step {} validation reward {vr:.3} insertions {vins:.2}",
+                    state.step
+                ),
             );
             // best_metric is "lower is better": store the negated reward.
             if state.best_metric.is_none_or(|b| -vr < b) {

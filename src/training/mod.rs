@@ -61,9 +61,8 @@ pub struct TrainerState {
 /// no RNG state. `salt` separates purposes (dropout, sampling, …).
 pub fn step_rng(seed: u64, step: u64, salt: u64) -> rand::rngs::StdRng {
     // SplitMix64-style mixing so nearby (step, salt) pairs give unrelated seeds.
-    let mut z = seed
-        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ salt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
@@ -92,14 +91,20 @@ impl Plan {
         seed: u64,
     ) -> anyhow::Result<Plan> {
         anyhow::ensure!(n_items > 0, "no training samples");
-        anyhow::ensure!(micro > 0 && accum > 0, "batch size and accumulation must be >= 1");
+        anyhow::ensure!(
+            micro > 0 && accum > 0,
+            "batch size and accumulation must be >= 1"
+        );
         let n_micro = n_items.div_ceil(micro);
         let steps_per_epoch = n_micro.div_ceil(accum);
         let total_steps = match max_steps {
             Some(s) if s > 0 => s,
             _ => (epochs * steps_per_epoch as f64).ceil() as usize,
         };
-        anyhow::ensure!(total_steps > 0, "the run has no steps (epochs or max_steps is 0)");
+        anyhow::ensure!(
+            total_steps > 0,
+            "the run has no steps (epochs or max_steps is 0)"
+        );
         Ok(Plan {
             n_items,
             micro,
@@ -121,7 +126,7 @@ impl Plan {
 
     /// Is step `s` (0-based) the last of its epoch?
     pub fn ends_epoch(&self, step: usize) -> bool {
-        (step + 1) % self.steps_per_epoch == 0
+        (step + 1).is_multiple_of(self.steps_per_epoch)
     }
 
     /// The item indices of each micro-batch of step `step`.
@@ -141,7 +146,7 @@ impl Plan {
 /// at epoch ends, `no`)? The last step always counts for saving, so a run ends with a checkpoint.
 pub fn due(strategy: &str, every: usize, plan: &Plan, s: usize) -> bool {
     match strategy {
-        "steps" => every > 0 && (s + 1) % every == 0,
+        "steps" => every > 0 && (s + 1).is_multiple_of(every),
         "epoch" => plan.ends_epoch(s),
         _ => false,
     }

@@ -70,10 +70,12 @@ pub fn sft_row(
     } else {
         vec![]
     };
-    let points =
-        model
-            .boundary
-            .training_points(&tokens, &loss_mask, &prompt_points, ins.max_inference_aug_num);
+    let points = model.boundary.training_points(
+        &tokens,
+        &loss_mask,
+        &prompt_points,
+        ins.max_inference_aug_num,
+    );
     Some(TfRow {
         tokens,
         loss_mask,
@@ -229,7 +231,7 @@ pub fn train_sft(
         pb.set_position(state.step as u64);
 
         // ---- logging ----
-        if state.step % cfg.logging_steps.max(1) == 0 || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
             let secs = win_start.elapsed().as_secs_f64();
             let avg = win_loss / win_n as f64;
             first_loss.get_or_insert(avg);
