@@ -105,26 +105,21 @@ pub struct LossSpec {
     pub max_completion_length: usize,
 }
 
-/// The GRPO loss over a flat list of policy tokens. `seq[i]` is the sequence of token i (0..n_seqs),
-/// `adv[s]` each sequence's advantage. Per token: −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) + β·KL
-/// (k3: e^(ref−new) − (ref−new) − 1); aggregated by `loss_type` (grpo: mean per sequence, then
-/// over sequences; bnpo: sum / tokens; dr_grpo: sum / (sequences × max completion length)).
-pub fn policy_loss(
+/// Per-token GRPO loss: −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) + β·KL, with r = e^(new−old)
+/// and the k3 estimator KL = e^(ref−new) − (ref−new) − 1 (as TRL). `a[i]`: token i's advantage.
+pub fn per_token_loss(
     new_lp: &Tensor,
     old_lp: &Tensor,
     ref_lp: Option<&Tensor>,
-    adv: &[f64],
-    seq: &[usize],
+    a: &[f64],
     spec: &LossSpec,
 ) -> anyhow::Result<Tensor> {
-    let dev = new_lp.device().clone();
-    let n = seq.len();
-    let n_seqs = adv.len();
+    let n = a.len();
     anyhow::ensure!(new_lp.dims1()? == n, "one log-prob per policy token");
     let a = Tensor::from_vec(
-        seq.iter().map(|&s| adv[s] as f32).collect::<Vec<_>>(),
+        a.iter().map(|&x| x as f32).collect::<Vec<_>>(),
         n,
-        &dev,
+        new_lp.device(),
     )?;
     let ratio = (new_lp - old_lp)?.exp()?;
     let l1 = (&ratio * &a)?;
@@ -137,19 +132,44 @@ pub fn policy_loss(
             per = (per + (kl * spec.beta)?)?;
         }
     }
-    let mut len = vec![0usize; n_seqs];
-    for &s in seq {
-        len[s] += 1;
-    }
-    let w: Vec<f32> = seq
-        .iter()
-        .map(|&s| match spec.loss_type.as_str() {
-            "grpo" => 1.0 / (n_seqs as f32 * len[s].max(1) as f32),
-            "dr_grpo" => 1.0 / (n_seqs as f32 * spec.max_completion_length.max(1) as f32),
-            _ => 1.0 / n.max(1) as f32,
+    Ok(per)
+}
+
+/// The weight of each token of sequence s in the aggregated loss, from the sequences' policy
+/// token counts: grpo 1/(S·len_s) (mean per sequence, then over sequences), bnpo 1/Σlen (the
+/// token mean), dr_grpo 1/(S·max completion length).
+pub fn seq_weights(lens: &[usize], spec: &LossSpec) -> Vec<f64> {
+    let n_seqs = lens.len().max(1) as f64;
+    let total = lens.iter().sum::<usize>().max(1) as f64;
+    lens.iter()
+        .map(|&l| match spec.loss_type.as_str() {
+            "grpo" => 1.0 / (n_seqs * l.max(1) as f64),
+            "dr_grpo" => 1.0 / (n_seqs * spec.max_completion_length.max(1) as f64),
+            _ => 1.0 / total,
         })
-        .collect();
-    Ok((per * Tensor::from_vec(w, n, &dev)?)?.sum_all()?)
+        .collect()
+}
+
+/// The GRPO loss over a flat list of policy tokens: `seq[i]` is the sequence of token i
+/// (0..n_seqs), `adv[s]` each sequence's advantage; per-token losses weighted by [`seq_weights`].
+pub fn policy_loss(
+    new_lp: &Tensor,
+    old_lp: &Tensor,
+    ref_lp: Option<&Tensor>,
+    adv: &[f64],
+    seq: &[usize],
+    spec: &LossSpec,
+) -> anyhow::Result<Tensor> {
+    let mut lens = vec![0usize; adv.len()];
+    for &s in seq {
+        lens[s] += 1;
+    }
+    let w = seq_weights(&lens, spec);
+    let a: Vec<f64> = seq.iter().map(|&s| adv[s]).collect();
+    let per = per_token_loss(new_lp, old_lp, ref_lp, &a, spec)?;
+    let wt: Vec<f32> = seq.iter().map(|&s| w[s] as f32).collect();
+    let n = wt.len();
+    Ok((per * Tensor::from_vec(wt, n, new_lp.device())?)?.sum_all()?)
 }
 
 // ---------------------------------------------------------------- rollouts and scoring
@@ -332,6 +352,14 @@ pub fn trigger_logprobs(
         .gather(&Tensor::from_vec(act, (n, 1), &dev)?, 1)?
         .squeeze(1)?;
     Ok((lp, seq))
+}
+
+/// Policy tokens of a rollout: its completion tokens (weaver) or its decisions (trigger).
+fn policy_len(target: Target, r: &Rollout) -> usize {
+    match target {
+        Target::Weaver => r.gen.tokens.len(),
+        Target::Trigger => r.gen.decisions.len(),
+    }
 }
 
 fn policy_logprobs(
@@ -533,16 +561,32 @@ pub fn train_grpo(
             gen_tokens += rs.iter().map(|r| r.gen.tokens.len()).sum::<usize>();
             let rewards: Vec<f64> = rs.iter().map(|r| r.reward).collect();
             let adv = advantages(&rewards, g, cfg.scale_rewards);
-            // Old log-probs: with one update per rollout they equal the new ones (ratio 1), as TRL
-            // does; with more, they are fixed before the first update.
-            let old = if iters > 1 {
-                Some(policy_logprobs(model, target, &rs, cfg.temperature, &mut Mode::Infer)?.0)
+            // Everything below works one rollout at a time: the loss is a weighted sum over
+            // tokens, so per-row backward passes add up to the batch gradient with a fraction of
+            // the memory. Old log-probs: with one update per rollout they equal the new ones
+            // (ratio 1), as TRL does; with more, they are fixed before the first update.
+            let one = |r: &Rollout, mode: &mut Mode| -> anyhow::Result<Tensor> {
+                Ok(policy_logprobs(
+                    model,
+                    target,
+                    std::slice::from_ref(r),
+                    cfg.temperature,
+                    mode,
+                )?
+                .0)
+            };
+            let old: Option<Vec<Tensor>> = if iters > 1 {
+                Some(
+                    rs.iter()
+                        .map(|r| one(r, &mut Mode::Infer))
+                        .collect::<anyhow::Result<_>>()?,
+                )
             } else {
                 None
             };
-            let refl = match &reference {
+            let refl: Option<Vec<Tensor>> = match &reference {
                 Some(v) => Some(with_values(&vars, v, || {
-                    Ok(policy_logprobs(model, target, &rs, cfg.temperature, &mut Mode::Infer)?.0)
+                    rs.iter().map(|r| one(r, &mut Mode::Infer)).collect()
                 })?),
                 None => None,
             };
@@ -557,34 +601,40 @@ pub fn train_grpo(
             let mut any = false;
             for (j, (rs, adv, old, refl)) in batches.iter().enumerate() {
                 let mut rng = step_rng(run.seed, ((s * iters + it) * plan.accum + j) as u64, 0x6A0);
-                let (new, seq) = policy_logprobs(
-                    model,
-                    target,
-                    rs,
-                    cfg.temperature,
-                    &mut Mode::Train(&mut rng),
-                )?;
-                if seq.is_empty() {
-                    continue; // no policy tokens (e.g. no trigger decisions)
+                let lens: Vec<usize> = rs.iter().map(|r| policy_len(target, r)).collect();
+                let w = seq_weights(&lens, &spec);
+                for (r, ro) in rs.iter().enumerate() {
+                    if lens[r] == 0 {
+                        continue; // no policy tokens (e.g. no trigger decisions)
+                    }
+                    let (new, _) = policy_logprobs(
+                        model,
+                        target,
+                        std::slice::from_ref(ro),
+                        cfg.temperature,
+                        &mut Mode::Train(&mut rng),
+                    )?;
+                    let old = match old {
+                        Some(o) => o[r].clone(),
+                        None => new.detach(),
+                    };
+                    let a = vec![adv[r]; lens[r]];
+                    let per = per_token_loss(&new, &old, refl.as_ref().map(|v| &v[r]), &a, &spec)?;
+                    let loss = (per.sum_all()? * (w[r] / batches.len() as f64))?;
+                    let l = loss.to_scalar::<f32>()? as f64;
+                    if !l.is_finite() {
+                        pb.abandon();
+                        anyhow::bail!(
+                            "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
+                            s + 1,
+                            out.join(LAST).display()
+                        );
+                    }
+                    loss_sum += l / iters as f64;
+                    let gs = loss.backward()?;
+                    accumulate(&mut grads, &vars, &gs)?;
+                    any = true;
                 }
-                let old = match old {
-                    Some(o) => o.clone(),
-                    None => new.detach(),
-                };
-                let loss = policy_loss(&new, &old, refl.as_ref(), adv, &seq, &spec)?;
-                let l = loss.to_scalar::<f32>()? as f64;
-                if !l.is_finite() {
-                    pb.abandon();
-                    anyhow::bail!(
-                        "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
-                        s + 1,
-                        out.join(LAST).display()
-                    );
-                }
-                loss_sum += l / (batches.len() * iters) as f64;
-                let gs = (loss / batches.len() as f64)?.backward()?;
-                accumulate(&mut grads, &vars, &gs)?;
-                any = true;
             }
             lr = sched.lr(s * iters + it);
             if any {
