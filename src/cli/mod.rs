@@ -3,6 +3,7 @@
 mod backbone_cmds;
 pub mod eval_cmd;
 pub mod memory_args;
+pub mod train_cmd;
 
 pub use backbone_cmds::top_logits;
 
@@ -34,6 +35,10 @@ pub enum Command {
     Grade(crate::tasks::grade::GradeArgs),
     /// Evaluate on a task's test split (with a trained weaver, or --vanilla): answers.jsonl + metrics.json.
     Eval(eval_cmd::EvalArgs),
+    /// Train the weaver (SFT or GRPO, per run.train_weaver_method) from a run config.
+    WeaverTrain(train_cmd::TrainArgs),
+    /// Train the trigger with GRPO on top of a trained weaver (--load-model-path).
+    TriggerTrain(train_cmd::TrainArgs),
 }
 
 /// Options every model-loading command shares.
@@ -75,6 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retriever(args) => crate::retrieval::cli::run(args),
         Command::Grade(args) => crate::tasks::grade::run_grade(&args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::WeaverTrain(a) => train_cmd::run(a, train_cmd::Which::Weaver),
+        Command::TriggerTrain(a) => train_cmd::run(a, train_cmd::Which::Trigger),
     }
 }
 

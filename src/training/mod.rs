@@ -1,1 +1,255 @@
-//! training
+//! Training: weaver SFT, weaver GRPO and trigger GRPO (DESIGN.md, "SFT loss", "GRPO").
+//!
+//! Everything a run needs to continue exactly where it stopped is a pure function of the step
+//! number and the seed (data order, dropout and sampling RNGs) plus what a checkpoint stores
+//! (trainable weights, AdamW moments, best-so-far bookkeeping). So "N steps, stop, resume, N
+//! steps" equals "2N steps" bit for bit.
+
+pub mod grpo;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod sft;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::memory::MemGenModel;
+use optim::AdamW;
+
+/// Set by Ctrl-C; loops check it after every optimiser step.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Install the Ctrl-C handler (once per process): the first Ctrl-C asks the loop to save a
+/// resumable checkpoint and stop; a second one exits at once.
+pub fn install_ctrlc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: saving a resumable checkpoint after this step (Ctrl-C again to abort)");
+        });
+    });
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// What `trainer_state.json` records beside a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TrainerState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Best validation metric so far (loss: lower is better; reward: stored negated).
+    pub best_metric: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Wall time spent in earlier sessions of this run, seconds.
+    pub elapsed: f64,
+    /// `sft`, `weaver-grpo` or `trigger-grpo`: a checkpoint resumes only the same kind of run.
+    pub kind: String,
+}
+
+/// An RNG for one purpose at one step: independent of everything before it, so resuming needs
+/// no RNG state. `salt` separates purposes (dropout, sampling, …).
+pub fn step_rng(seed: u64, step: u64, salt: u64) -> rand::rngs::StdRng {
+    // SplitMix64-style mixing so nearby (step, salt) pairs give unrelated seeds.
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    rand::rngs::StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// How a run walks its data: shuffled each epoch (seeded by epoch), cut into micro-batches of
+/// `micro` items, `accum` micro-batches per optimiser step; the last step of an epoch may have
+/// fewer (as a Hugging Face dataloader without drop_last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub n_items: usize,
+    pub micro: usize,
+    pub accum: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+    pub seed: u64,
+}
+
+impl Plan {
+    pub fn new(
+        n_items: usize,
+        micro: usize,
+        accum: usize,
+        epochs: f64,
+        max_steps: Option<usize>,
+        seed: u64,
+    ) -> anyhow::Result<Plan> {
+        anyhow::ensure!(n_items > 0, "no training samples");
+        anyhow::ensure!(
+            micro > 0 && accum > 0,
+            "batch size and accumulation must be >= 1"
+        );
+        let n_micro = n_items.div_ceil(micro);
+        let steps_per_epoch = n_micro.div_ceil(accum);
+        let total_steps = match max_steps {
+            Some(s) if s > 0 => s,
+            _ => (epochs * steps_per_epoch as f64).ceil() as usize,
+        };
+        anyhow::ensure!(
+            total_steps > 0,
+            "the run has no steps (epochs or max_steps is 0)"
+        );
+        Ok(Plan {
+            n_items,
+            micro,
+            accum,
+            steps_per_epoch,
+            total_steps,
+            seed,
+        })
+    }
+
+    pub fn epoch_of(&self, step: usize) -> usize {
+        step / self.steps_per_epoch
+    }
+
+    /// Fractional epoch after `steps` steps (for logs).
+    pub fn epoch_at(&self, steps: usize) -> f64 {
+        steps as f64 / self.steps_per_epoch as f64
+    }
+
+    /// Is step `s` (0-based) the last of its epoch?
+    pub fn ends_epoch(&self, step: usize) -> bool {
+        (step + 1).is_multiple_of(self.steps_per_epoch)
+    }
+
+    /// The item indices of each micro-batch of step `step`.
+    pub fn micro_batches(&self, step: usize) -> Vec<Vec<usize>> {
+        let epoch = self.epoch_of(step);
+        let mut order: Vec<usize> = (0..self.n_items).collect();
+        order.shuffle(&mut step_rng(self.seed, epoch as u64, 0xDA7A));
+        let j = step % self.steps_per_epoch;
+        let chunks: Vec<&[usize]> = order.chunks(self.micro).collect();
+        let lo = j * self.accum;
+        let hi = ((j + 1) * self.accum).min(chunks.len());
+        chunks[lo..hi].iter().map(|c| c.to_vec()).collect()
+    }
+}
+
+/// Should something run after step `s` (0-based) under `strategy` (`steps` every `every`, `epoch`
+/// at epoch ends, `no`)? The last step always counts for saving, so a run ends with a checkpoint.
+pub fn due(strategy: &str, every: usize, plan: &Plan, s: usize) -> bool {
+    match strategy {
+        "steps" => every > 0 && (s + 1).is_multiple_of(every),
+        "epoch" => plan.ends_epoch(s),
+        _ => false,
+    }
+}
+
+pub const LAST: &str = "checkpoint-last";
+pub const BEST: &str = "checkpoint-best";
+
+/// Save a resumable checkpoint to `<out>/checkpoint-last/`: written in full to a scratch
+/// directory first, then swapped in, so a crash leaves either the old or the new one.
+pub fn save_checkpoint(
+    out: &Path,
+    model: &MemGenModel,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> anyhow::Result<PathBuf> {
+    let tmp = out.join("checkpoint-last.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    model.save(&tmp)?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    crate::util::write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    let last = out.join(LAST);
+    let old = out.join("checkpoint-last.old");
+    if last.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&last, &old)?;
+    }
+    std::fs::rename(&tmp, &last)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(last)
+}
+
+/// The checkpoint to resume from: `explicit`, else `<out>/checkpoint-last/` when it exists (or the
+/// previous one if a swap was interrupted).
+pub fn find_resume(out: &Path, explicit: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(d) = explicit {
+        anyhow::ensure!(
+            d.join("trainer_state.json").is_file(),
+            "--resume {}: not a training checkpoint (no trainer_state.json)",
+            d.display()
+        );
+        return Ok(Some(d.to_path_buf()));
+    }
+    for name in [LAST, "checkpoint-last.old"] {
+        let d = out.join(name);
+        if d.join("trainer_state.json").is_file() {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
+}
+
+/// Restore weights of `parts`, optimiser moments and the trainer state from a checkpoint.
+pub fn load_checkpoint(
+    dir: &Path,
+    model: &MemGenModel,
+    opt: &mut AdamW,
+    parts: &[crate::memory::checkpoint::Part],
+    kind: &str,
+) -> anyhow::Result<TrainerState> {
+    let st: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
+    )?;
+    anyhow::ensure!(
+        st.kind == kind,
+        "{}: a `{}` checkpoint cannot resume a `{kind}` run",
+        dir.display(),
+        st.kind
+    );
+    let missing = model.load_weights(&dir.join("model.safetensors"), parts)?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{}: checkpoint lacks {} trainable tensors (e.g. {})",
+        dir.display(),
+        missing.len(),
+        missing[0]
+    );
+    opt.load(&dir.join("optimizer.safetensors"))?;
+    Ok(st)
+}
+
+/// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to
+/// stderr as lines).
+pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{phase} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Make a log line for a hidden progress bar.
+pub fn say(pb: &indicatif::ProgressBar, line: &str) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}

@@ -1,0 +1,200 @@
+//! `memgen weaver-train` and `memgen trigger-train`: resolve the run config, build the model, load
+//! the data, write `<output_dir>/config.yaml`, then hand over to `training::{sft, grpo}`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::RunConfig;
+use crate::memory::checkpoint::{resolve_checkpoint, Part};
+use crate::memory::MemGenModel;
+use crate::tasks::{build_task, Split};
+use crate::training::{self, grpo, sft};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// The run config (YAML, e.g. configs/quickstart.yaml or configs/latent_memory/gsm8k.yaml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Dotted overrides: `--options run.weaver.sft.learning_rate 2e-4 run.seed 7`.
+    #[arg(long, num_args = 1..)]
+    pub options: Vec<String>,
+    /// Start from this checkpoint (`model.safetensors` or its directory); trigger-train needs one.
+    #[arg(long)]
+    pub load_model_path: Option<PathBuf>,
+    /// Where checkpoints, metrics and the final model go (overrides run.output_dir).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Resume from a checkpoint directory (default: `<output_dir>/checkpoint-last` when present).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// Which subcommand is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Weaver,
+    Trigger,
+}
+
+/// Resolve the config with the command-line flags folded in as overrides, so validation sees them.
+pub fn resolve_config(args: &TrainArgs, which: Which) -> anyhow::Result<RunConfig> {
+    let mut opts = crate::config::parse_options(&args.options)?;
+    if let Some(p) = &args.load_model_path {
+        opts.push(("model.load_model_path".into(), p.display().to_string()));
+    }
+    if let Some(d) = &args.output_dir {
+        opts.push(("run.output_dir".into(), d.display().to_string()));
+    }
+    if which == Which::Trigger {
+        // Trigger training: validation then insists on a trained weaver.
+        opts.push(("run.train_trigger".into(), "true".into()));
+        opts.push(("model.trigger.active".into(), "true".into()));
+    }
+    RunConfig::load(&args.config, &opts)
+}
+
+pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
+    let cfg = resolve_config(&args, which)?;
+    let ds = cfg.dataset()?;
+    let task = build_task(&ds.task)?;
+    let method = match which {
+        Which::Weaver => cfg.run.train_weaver_method.clone(),
+        Which::Trigger => "grpo".into(),
+    };
+    if method == "grpo" && task.multi_turn() {
+        anyhow::bail!(
+            "GRPO on multi-turn task `{}` is not supported yet (single-turn tasks only)",
+            ds.name
+        );
+    }
+    if which == Which::Weaver && !cfg.run.train_weaver {
+        anyhow::bail!("run.train_weaver is false: nothing for weaver-train to do");
+    }
+    let out = cfg.output_dir();
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    crate::util::write_atomic(&out.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
+
+    let device = crate::backbone::parse_device(&cfg.model.device)?;
+    let spec = cfg.memgen_spec(which == Which::Trigger);
+    let model = MemGenModel::build(&spec, &device)?;
+    if let Some(p) = &cfg.model.load_model_path {
+        let (file, _) = resolve_checkpoint(p)?;
+        let missing = model.load_weights(&file, &[Part::Weaver])?;
+        anyhow::ensure!(
+            missing.len()
+                < model
+                    .named_vars()
+                    .iter()
+                    .filter(|v| v.2 == Part::Weaver)
+                    .count(),
+            "{}: holds no weaver tensors",
+            file.display()
+        );
+        if !missing.is_empty() {
+            eprintln!(
+                "warning: {} weaver tensors not in {} (left at their initial values), e.g. {}",
+                missing.len(),
+                file.display(),
+                missing[0]
+            );
+        }
+    }
+    training::install_ctrlc();
+    let limit = |mut v: Vec<crate::tasks::Sample>, n: Option<usize>| {
+        if let Some(n) = n {
+            v.truncate(n);
+        }
+        v
+    };
+    let train_samples = task.load(Split::Train)?;
+    let valid_samples = task.load(Split::Valid).unwrap_or_default();
+
+    match (which, method.as_str()) {
+        (Which::Weaver, "sft") => {
+            let s = &cfg.run.weaver.sft;
+            let train = limit(train_samples, s.max_train_samples);
+            let valid = limit(valid_samples, s.max_eval_samples);
+            let (tr, sk1) = sft::sft_rows(&model, &train, s.max_length)?;
+            let (va, sk2) = sft::sft_rows(&model, &valid, s.max_length)?;
+            if sk1 + sk2 > 0 {
+                eprintln!(
+                    "warning: skipped {} samples (no target, or prompt longer than max_length {})",
+                    sk1 + sk2,
+                    s.max_length
+                );
+            }
+            eprintln!(
+                "weaver sft on {}: {} train rows, {} validation rows → {}",
+                ds.name,
+                tr.len(),
+                va.len(),
+                out.display()
+            );
+            let run = sft::SftRun {
+                cfg: s.clone(),
+                seed: cfg.run.seed,
+                out: out.clone(),
+                resume: args.resume.clone(),
+                stop_after: None,
+            };
+            let o = sft::train_sft(&model, &run, &tr, &va)?;
+            println!(
+                "weaver sft: {} steps, train loss {:.4} → {:.4}{}; weaver saved to {}",
+                o.steps,
+                o.first_loss,
+                o.last_loss,
+                o.best_eval
+                    .map(|b| format!(", best validation loss {b:.4}"))
+                    .unwrap_or_default(),
+                o.final_dir.unwrap_or_default().display()
+            );
+        }
+        (w, _) => {
+            let g = match w {
+                Which::Weaver => &cfg.run.weaver.grpo,
+                Which::Trigger => &cfg.run.trigger.grpo,
+            };
+            let train = limit(train_samples, g.max_train_samples);
+            let valid = limit(valid_samples, g.max_eval_samples);
+            let run = grpo::GrpoRun {
+                cfg: g.clone(),
+                target: if w == Which::Weaver {
+                    grpo::Target::Weaver
+                } else {
+                    grpo::Target::Trigger
+                },
+                seed: cfg.run.seed,
+                out: out.clone(),
+                resume: args.resume.clone(),
+                stop_after: None,
+            };
+            eprintln!(
+                "{} grpo on {}: {} train prompts, {} validation prompts → {}",
+                if w == Which::Weaver {
+                    "weaver"
+                } else {
+                    "trigger"
+                },
+                ds.name,
+                train.len(),
+                valid.len(),
+                out.display()
+            );
+            let o = grpo::train_grpo(&model, &run, task.as_ref(), &train, &valid)?;
+            println!(
+                "{} grpo: {} steps, reward {:.3} → {:.3}; saved to {}",
+                if w == Which::Weaver {
+                    "weaver"
+                } else {
+                    "trigger"
+                },
+                o.steps,
+                o.first_reward,
+                o.last_reward,
+                o.final_dir.unwrap_or_default().display()
+            );
+        }
+    }
+    Ok(())
+}

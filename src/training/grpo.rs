@@ -1,0 +1,817 @@
+//! GRPO for the weaver and for the trigger (DESIGN.md, "GRPO").
+//!
+//! One step: take the next prompts, sample G completions of each with memory (temperature from
+//! the config), reward them with the task, normalise rewards within each group, then update the
+//! policy with the clipped-ratio loss (`num_iterations` optimiser updates on the same rollouts).
+//!
+//! - Weaver: the policy tokens are the reasoner's answer tokens, scored teacher-forced with the
+//!   memories at exactly the points the rollout inserted them.
+//! - Trigger: the policy "tokens" are the trigger's decisions at the boundaries the rollout
+//!   visited, scored by re-reading the rollout's token ids with the trigger; the weaver is frozen.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var, D};
+use serde_json::json;
+
+use super::metrics::{record, Metrics};
+use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use super::{
+    due, find_resume, interrupted, load_checkpoint, progress, save_checkpoint, say, step_rng, Plan,
+    TrainerState, BEST, LAST,
+};
+use crate::backbone::generate::{Sampler, SamplingConfig};
+use crate::backbone::model::positions_tensor;
+use crate::backbone::Mode;
+use crate::config::GrpoConfig;
+use crate::memory::checkpoint::Part;
+use crate::memory::generate::{MemGenerated, MemoryOptions};
+use crate::memory::teacher::TfRow;
+use crate::memory::{Kind, MemGenModel, Point};
+use crate::tasks::{render_chatml, Sample, Task};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Weaver,
+    Trigger,
+}
+
+impl Target {
+    fn kind(self) -> &'static str {
+        match self {
+            Target::Weaver => "weaver-grpo",
+            Target::Trigger => "trigger-grpo",
+        }
+    }
+    fn part(self) -> Part {
+        match self {
+            Target::Weaver => Part::Weaver,
+            Target::Trigger => Part::Trigger,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpoRun {
+    pub cfg: GrpoConfig,
+    pub target: Target,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub resume: Option<PathBuf>,
+    /// Stop with a resumable checkpoint after this many steps (tests).
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpoOutcome {
+    pub steps: usize,
+    pub first_reward: f64,
+    pub last_reward: f64,
+    pub final_dir: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------- the math
+
+/// Group-normalised advantages: reward − group mean, divided by (group std + 1e-4) when `scale`
+/// (std with the n − 1 denominator, as torch's `std()`). Groups are consecutive runs of `group`.
+pub fn advantages(rewards: &[f64], group: usize, scale: bool) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rewards.len());
+    for g in rewards.chunks(group.max(1)) {
+        let n = g.len() as f64;
+        let mean = g.iter().sum::<f64>() / n;
+        let var = if g.len() > 1 {
+            g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        for r in g {
+            let a = r - mean;
+            out.push(if scale { a / (var.sqrt() + 1e-4) } else { a });
+        }
+    }
+    out
+}
+
+/// The settings of the clipped policy loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossSpec {
+    pub loss_type: String,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub beta: f64,
+    /// `dr_grpo` normaliser: the configured maximum completion length.
+    pub max_completion_length: usize,
+}
+
+/// Per-token GRPO loss: −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) + β·KL, with r = e^(new−old)
+/// and the k3 estimator KL = e^(ref−new) − (ref−new) − 1 (as TRL). `a[i]`: token i's advantage.
+pub fn per_token_loss(
+    new_lp: &Tensor,
+    old_lp: &Tensor,
+    ref_lp: Option<&Tensor>,
+    a: &[f64],
+    spec: &LossSpec,
+) -> anyhow::Result<Tensor> {
+    let n = a.len();
+    anyhow::ensure!(new_lp.dims1()? == n, "one log-prob per policy token");
+    let a = Tensor::from_vec(
+        a.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        n,
+        new_lp.device(),
+    )?;
+    let ratio = (new_lp - old_lp)?.exp()?;
+    let l1 = (&ratio * &a)?;
+    let l2 = (ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)? * &a)?;
+    let mut per = l1.minimum(&l2)?.neg()?;
+    if spec.beta != 0.0 {
+        if let Some(r) = ref_lp {
+            let d = (r - new_lp)?;
+            let kl = ((d.exp()? - &d)? - 1.0)?;
+            per = (per + (kl * spec.beta)?)?;
+        }
+    }
+    Ok(per)
+}
+
+/// The weight of each token of sequence s in the aggregated loss, from the sequences' policy
+/// token counts: grpo 1/(S·len_s) (mean per sequence, then over sequences), bnpo 1/Σlen (the
+/// token mean), dr_grpo 1/(S·max completion length).
+pub fn seq_weights(lens: &[usize], spec: &LossSpec) -> Vec<f64> {
+    let n_seqs = lens.len().max(1) as f64;
+    let total = lens.iter().sum::<usize>().max(1) as f64;
+    lens.iter()
+        .map(|&l| match spec.loss_type.as_str() {
+            "grpo" => 1.0 / (n_seqs * l.max(1) as f64),
+            "dr_grpo" => 1.0 / (n_seqs * spec.max_completion_length.max(1) as f64),
+            _ => 1.0 / total,
+        })
+        .collect()
+}
+
+/// The GRPO loss over a flat list of policy tokens: `seq[i]` is the sequence of token i
+/// (0..n_seqs), `adv[s]` each sequence's advantage; per-token losses weighted by [`seq_weights`].
+pub fn policy_loss(
+    new_lp: &Tensor,
+    old_lp: &Tensor,
+    ref_lp: Option<&Tensor>,
+    adv: &[f64],
+    seq: &[usize],
+    spec: &LossSpec,
+) -> anyhow::Result<Tensor> {
+    let mut lens = vec![0usize; adv.len()];
+    for &s in seq {
+        lens[s] += 1;
+    }
+    let w = seq_weights(&lens, spec);
+    let a: Vec<f64> = seq.iter().map(|&s| adv[s]).collect();
+    let per = per_token_loss(new_lp, old_lp, ref_lp, &a, spec)?;
+    let wt: Vec<f32> = seq.iter().map(|&s| w[s] as f32).collect();
+    let n = wt.len();
+    Ok((per * Tensor::from_vec(wt, n, new_lp.device())?)?.sum_all()?)
+}
+
+// ---------------------------------------------------------------- rollouts and scoring
+
+/// One sampled completion with its reward.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    pub prompt: Vec<u32>,
+    pub gen: MemGenerated,
+    pub reward: f64,
+    pub task_reward: f64,
+}
+
+impl Rollout {
+    fn inference_insertions(&self) -> usize {
+        self.gen
+            .insertions
+            .iter()
+            .filter(|i| i.kind == Kind::Inference)
+            .count()
+    }
+
+    /// The teacher-forcing row scoring the completion with memories where the rollout put them.
+    pub fn tf_row(&self) -> TfRow {
+        let p = self.prompt.len();
+        let mut tokens = self.prompt.clone();
+        tokens.extend_from_slice(&self.gen.tokens);
+        let loss_mask = (0..tokens.len()).map(|i| i >= p).collect();
+        let points = self
+            .gen
+            .insertions
+            .iter()
+            .map(|ins| Point {
+                pos: p + ins.token_index,
+                kind: ins.kind,
+            })
+            .filter(|pt| pt.pos < tokens.len())
+            .collect();
+        TfRow {
+            tokens,
+            loss_mask,
+            points,
+        }
+    }
+}
+
+/// The prompt ids of a sample (ChatML with the generation prompt), cut from the left to `max`.
+pub fn prompt_ids(model: &MemGenModel, s: &Sample, max: usize) -> anyhow::Result<Vec<u32>> {
+    let mut ids = model.tokenizer.encode(&render_chatml(&s.messages, true))?;
+    if ids.len() > max {
+        ids.drain(..ids.len() - max);
+    }
+    Ok(ids)
+}
+
+/// Generate with memory for these prompts and reward each completion.
+#[allow(clippy::too_many_arguments)]
+pub fn rollouts(
+    model: &MemGenModel,
+    task: &dyn Task,
+    samples: &[&Sample],
+    repeat: usize,
+    sampling: SamplingConfig,
+    max_prompt_length: usize,
+    insertion_penalty: f64,
+) -> anyhow::Result<Vec<Rollout>> {
+    let mut prompts = vec![];
+    let mut golds = vec![];
+    for s in samples {
+        let ids = prompt_ids(model, s, max_prompt_length)?;
+        for _ in 0..repeat {
+            prompts.push(ids.clone());
+            golds.push(&s.gold);
+        }
+    }
+    let ins = &model.spec.insertion;
+    let opts = MemoryOptions {
+        prompt_memory: ins.max_prompt_aug_num > 0,
+        max_inference: ins.max_inference_aug_num,
+        stop_ids: model.tokenizer.eos_ids.clone(),
+    };
+    let mut sampler = Sampler::new(sampling);
+    let gens = model.generate(&prompts, &opts, &mut sampler, |_, _| {})?;
+    let cap = ins.max_inference_aug_num;
+    let mut out = vec![];
+    for ((prompt, gen), gold) in prompts.into_iter().zip(gens).zip(golds) {
+        let text = model.tokenizer.decode_skip_special(&gen.tokens)?;
+        let task_reward = task.reward(&text, gold);
+        let mut r = Rollout {
+            prompt,
+            gen,
+            reward: task_reward,
+            task_reward,
+        };
+        if insertion_penalty != 0.0 && cap > 0 {
+            r.reward -= insertion_penalty * r.inference_insertions() as f64 / cap as f64;
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Weaver policy log-probs: every completion token, teacher-forced with the rollout's memories.
+/// Returns (log-probs, sequence of each).
+pub fn weaver_logprobs(
+    model: &MemGenModel,
+    rolls: &[Rollout],
+    mode: &mut Mode,
+) -> anyhow::Result<(Tensor, Vec<usize>)> {
+    let rows: Vec<TfRow> = rolls.iter().map(|r| r.tf_row()).collect();
+    let out = model.teacher_forced(&rows, mode)?;
+    let (lp, at) = model.target_logprobs(&rows, &out)?;
+    Ok((lp, at.into_iter().map(|(r, _)| r).collect()))
+}
+
+/// Trigger policy log-probs of the decisions each rollout made: the trigger re-reads prompt +
+/// completion ids (no latents); a decision before generated token t came from its logits at
+/// absolute position prompt_len + t − 1, sampled at `temperature`.
+pub fn trigger_logprobs(
+    model: &MemGenModel,
+    rolls: &[Rollout],
+    temperature: f64,
+    mode: &mut Mode,
+) -> anyhow::Result<(Tensor, Vec<usize>)> {
+    let trig = model
+        .trigger
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("trigger GRPO needs a trigger"))?;
+    let dev = model.reasoner.device().clone();
+    let b = rolls.len();
+    let seqs: Vec<Vec<u32>> = rolls
+        .iter()
+        .map(|r| [r.prompt.clone(), r.gen.tokens.clone()].concat())
+        .collect();
+    let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut ids = vec![];
+    let mut mask = vec![];
+    let mut pos = vec![];
+    for s in &seqs {
+        let mut v = s.clone();
+        v.resize(l, model.tokenizer.pad_id);
+        ids.extend(v);
+        let mut m = vec![1u8; s.len()];
+        m.resize(l, 0);
+        mask.push(m);
+        let mut p: Vec<u32> = (0..s.len() as u32).collect();
+        p.resize(l, 0);
+        pos.push(p);
+    }
+    let mut sel = vec![];
+    let mut act = vec![];
+    let mut seq = vec![];
+    for (r, ro) in rolls.iter().enumerate() {
+        for d in &ro.gen.decisions {
+            let at = ro.prompt.len() + d.token_index - 1;
+            sel.push((r * l + at) as u32);
+            act.push(d.insert as u32);
+            seq.push(r);
+        }
+    }
+    if sel.is_empty() {
+        return Ok((Tensor::zeros(0, DType::F32, &dev)?, seq));
+    }
+    // Only rows with decisions need reading, but keeping the batch whole keeps indices simple.
+    let lg = trig.logits(
+        &Tensor::from_vec(ids, (b, l), &dev)?,
+        &mask,
+        &positions_tensor(&pos, &dev)?,
+        None,
+        mode,
+    )?;
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let n = sel.len();
+    let lg = (lg
+        .reshape((b * l, 2))?
+        .index_select(&Tensor::from_vec(sel, n, &dev)?, 0)?
+        / t)?;
+    let lsm = candle_nn::ops::log_softmax(&lg, D::Minus1)?;
+    let lp = lsm
+        .gather(&Tensor::from_vec(act, (n, 1), &dev)?, 1)?
+        .squeeze(1)?;
+    Ok((lp, seq))
+}
+
+/// Policy tokens of a rollout: its completion tokens (weaver) or its decisions (trigger).
+fn policy_len(target: Target, r: &Rollout) -> usize {
+    match target {
+        Target::Weaver => r.gen.tokens.len(),
+        Target::Trigger => r.gen.decisions.len(),
+    }
+}
+
+fn policy_logprobs(
+    model: &MemGenModel,
+    target: Target,
+    rolls: &[Rollout],
+    temperature: f64,
+    mode: &mut Mode,
+) -> anyhow::Result<(Tensor, Vec<usize>)> {
+    match target {
+        Target::Weaver => weaver_logprobs(model, rolls, mode),
+        Target::Trigger => trigger_logprobs(model, rolls, temperature, mode),
+    }
+}
+
+/// Run `f` with `vars` temporarily set to `values` (the reference policy for the KL term).
+fn with_values<T>(
+    vars: &[Var],
+    values: &[Tensor],
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let saved: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<Result<_, _>>()?;
+    for (v, x) in vars.iter().zip(values) {
+        v.set(x)?;
+    }
+    let r = f();
+    for (v, x) in vars.iter().zip(&saved) {
+        v.set(x)?;
+    }
+    r
+}
+
+/// Mean task reward and inference insertions of greedy completions (validation).
+pub fn eval_reward(
+    model: &MemGenModel,
+    task: &dyn Task,
+    samples: &[Sample],
+    batch: usize,
+    max_new: usize,
+    max_prompt: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut sum, mut ins) = (0f64, 0usize);
+    for chunk in samples.chunks(batch.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let sampling = SamplingConfig {
+            temperature: 0.0,
+            max_new_tokens: max_new,
+            ..Default::default()
+        };
+        let rs = rollouts(model, task, &refs, 1, sampling, max_prompt, 0.0)?;
+        sum += rs.iter().map(|r| r.task_reward).sum::<f64>();
+        ins += rs.iter().map(|r| r.inference_insertions()).sum::<usize>();
+    }
+    let n = samples.len().max(1) as f64;
+    Ok((sum / n, ins as f64 / n))
+}
+
+// ---------------------------------------------------------------- the loop
+
+pub fn train_grpo(
+    model: &MemGenModel,
+    run: &GrpoRun,
+    task: &dyn Task,
+    train: &[Sample],
+    valid: &[Sample],
+) -> anyhow::Result<GrpoOutcome> {
+    let cfg = &run.cfg;
+    let out = &run.out;
+    let target = run.target;
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    if target == Target::Trigger && model.trigger.is_none() {
+        anyhow::bail!("trigger GRPO needs a model with a trigger");
+    }
+    let g = cfg.num_generations;
+    let prompts_per_micro = cfg.per_device_train_batch_size / g;
+    anyhow::ensure!(
+        prompts_per_micro > 0,
+        "per_device_train_batch_size must be a multiple of num_generations"
+    );
+    let plan = Plan::new(
+        train.len(),
+        prompts_per_micro,
+        cfg.gradient_accumulation_steps,
+        cfg.num_train_epochs,
+        cfg.max_steps,
+        run.seed,
+    )?;
+    // Each step makes `num_iterations` optimiser updates on its rollouts; the schedule counts updates.
+    let iters = cfg.num_iterations.max(1);
+    let sched = Schedule::new(
+        &cfg.lr_scheduler_type,
+        cfg.learning_rate,
+        cfg.warmup_ratio,
+        plan.total_steps * iters,
+    );
+    // In checkpoint-key order, so the reference policy's saved tensors line up with them.
+    let vars: Vec<Var> = model
+        .named_vars()
+        .into_iter()
+        .filter(|(_, _, p)| *p == target.part())
+        .map(|(_, v, _)| v)
+        .collect();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: cfg.learning_rate,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+    let mut state = TrainerState {
+        total_steps: plan.total_steps,
+        kind: target.kind().into(),
+        ..Default::default()
+    };
+    // The reference policy for β > 0: the starting weights (before any resume).
+    let reference: Option<Vec<Tensor>> = if cfg.beta != 0.0 {
+        let start = out.join("reference.safetensors");
+        Some(reference_values(&vars, model, &start, target)?)
+    } else {
+        None
+    };
+    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
+        state = load_checkpoint(&dir, model, &mut opt, &[target.part()], target.kind())?;
+        anyhow::ensure!(
+            state.total_steps == plan.total_steps,
+            "{}: the checkpoint belongs to a run of {} steps, this one has {}",
+            dir.display(),
+            state.total_steps,
+            plan.total_steps
+        );
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
+    let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
+    let phase = match target {
+        Target::Weaver => "weaver grpo",
+        Target::Trigger => "trigger grpo",
+    };
+    let pb = progress(plan.total_steps, phase);
+    pb.set_position(state.step as u64);
+    let started = Instant::now();
+    let elapsed = |st: &TrainerState| st.elapsed + started.elapsed().as_secs_f64();
+    let spec = LossSpec {
+        loss_type: cfg.loss_type.clone(),
+        eps_low: cfg.epsilon,
+        eps_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
+        beta: cfg.beta,
+        max_completion_length: cfg.max_completion_length,
+    };
+    let weight = cfg
+        .reward_weights
+        .as_ref()
+        .and_then(|w| w.first().copied())
+        .unwrap_or(1.0);
+    let (mut first_reward, mut last_reward) = (None, f64::NAN);
+    let mut stopped = false;
+
+    while state.step < plan.total_steps {
+        let s = state.step;
+        let t0 = Instant::now();
+        // ---- rollouts for every micro-batch of this step ----
+        let micro = plan.micro_batches(s);
+        let mut batches = vec![];
+        let mut gen_tokens = 0usize;
+        for (j, idx) in micro.iter().enumerate() {
+            let samples: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+            let sampling = SamplingConfig {
+                temperature: cfg.temperature,
+                top_p: cfg.top_p,
+                top_k: cfg.top_k,
+                max_new_tokens: cfg.max_completion_length,
+                seed: {
+                    use rand::Rng;
+                    step_rng(run.seed, (s * plan.accum + j) as u64, 0x5A3).random()
+                },
+            };
+            let penalty = if target == Target::Trigger {
+                cfg.insertion_penalty
+            } else {
+                0.0
+            };
+            let mut rs = rollouts(
+                model,
+                task,
+                &samples,
+                g,
+                sampling,
+                cfg.max_prompt_length,
+                penalty,
+            )?;
+            for r in &mut rs {
+                r.reward *= weight;
+            }
+            gen_tokens += rs.iter().map(|r| r.gen.tokens.len()).sum::<usize>();
+            let rewards: Vec<f64> = rs.iter().map(|r| r.reward).collect();
+            let adv = advantages(&rewards, g, cfg.scale_rewards);
+            // Everything below works one rollout at a time: the loss is a weighted sum over
+            // tokens, so per-row backward passes add up to the batch gradient with a fraction of
+            // the memory. Old log-probs: with one update per rollout they equal the new ones
+            // (ratio 1), as TRL does; with more, they are fixed before the first update.
+            let one = |r: &Rollout, mode: &mut Mode| -> anyhow::Result<Tensor> {
+                Ok(policy_logprobs(
+                    model,
+                    target,
+                    std::slice::from_ref(r),
+                    cfg.temperature,
+                    mode,
+                )?
+                .0)
+            };
+            let old: Option<Vec<Tensor>> = if iters > 1 {
+                Some(
+                    rs.iter()
+                        .map(|r| one(r, &mut Mode::Infer))
+                        .collect::<anyhow::Result<_>>()?,
+                )
+            } else {
+                None
+            };
+            let refl: Option<Vec<Tensor>> = match &reference {
+                Some(v) => Some(with_values(&vars, v, || {
+                    rs.iter().map(|r| one(r, &mut Mode::Infer)).collect()
+                })?),
+                None => None,
+            };
+            batches.push((rs, adv, old, refl));
+        }
+        let gen_secs = t0.elapsed().as_secs_f64();
+
+        // ---- num_iterations updates on these rollouts ----
+        let (mut loss_sum, mut grad_norm, mut lr) = (0f64, 0f64, 0f64);
+        for it in 0..iters {
+            let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+            let mut any = false;
+            for (j, (rs, adv, old, refl)) in batches.iter().enumerate() {
+                let mut rng = step_rng(run.seed, ((s * iters + it) * plan.accum + j) as u64, 0x6A0);
+                let lens: Vec<usize> = rs.iter().map(|r| policy_len(target, r)).collect();
+                let w = seq_weights(&lens, &spec);
+                for (r, ro) in rs.iter().enumerate() {
+                    if lens[r] == 0 {
+                        continue; // no policy tokens (e.g. no trigger decisions)
+                    }
+                    let (new, _) = policy_logprobs(
+                        model,
+                        target,
+                        std::slice::from_ref(ro),
+                        cfg.temperature,
+                        &mut Mode::Train(&mut rng),
+                    )?;
+                    let old = match old {
+                        Some(o) => o[r].clone(),
+                        None => new.detach(),
+                    };
+                    let a = vec![adv[r]; lens[r]];
+                    let per = per_token_loss(&new, &old, refl.as_ref().map(|v| &v[r]), &a, &spec)?;
+                    let loss = (per.sum_all()? * (w[r] / batches.len() as f64))?;
+                    let l = loss.to_scalar::<f32>()? as f64;
+                    if !l.is_finite() {
+                        pb.abandon();
+                        anyhow::bail!(
+                            "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
+                            s + 1,
+                            out.join(LAST).display()
+                        );
+                    }
+                    loss_sum += l / iters as f64;
+                    let gs = loss.backward()?;
+                    accumulate(&mut grads, &vars, &gs)?;
+                    any = true;
+                }
+            }
+            lr = sched.lr(s * iters + it);
+            if any {
+                grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+                anyhow::ensure!(
+                    grad_norm.is_finite(),
+                    "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is in {}",
+                    s + 1,
+                    out.join(LAST).display()
+                );
+                opt.step(&grads, lr)?;
+            }
+        }
+        state.step = s + 1;
+        pb.set_position(state.step as u64);
+
+        // ---- logging ----
+        let all: Vec<&Rollout> = batches.iter().flat_map(|b| &b.0).collect();
+        let n = all.len().max(1) as f64;
+        let rmean = all.iter().map(|r| r.reward).sum::<f64>() / n;
+        let rstd = (all.iter().map(|r| (r.reward - rmean).powi(2)).sum::<f64>() / n).sqrt();
+        let task_mean = all.iter().map(|r| r.task_reward).sum::<f64>() / n;
+        let ins = all.iter().map(|r| r.inference_insertions()).sum::<usize>() as f64 / n;
+        let len = all.iter().map(|r| r.gen.tokens.len()).sum::<usize>() as f64 / n;
+        first_reward.get_or_insert(rmean);
+        last_reward = rmean;
+        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
+            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
+            rec["loss"] = json!(loss_sum);
+            rec["reward"] = json!(rmean);
+            rec["reward_std"] = json!(rstd);
+            rec["task_reward"] = json!(task_mean);
+            rec["insertions_per_sample"] = json!(ins);
+            rec["completion_length"] = json!(len);
+            rec["lr"] = json!(lr);
+            rec["grad_norm"] = json!(grad_norm);
+            rec["tokens_per_s"] = json!(gen_tokens as f64 / gen_secs.max(1e-9));
+            metrics.log(rec)?;
+            let msg = format!(
+                "reward {rmean:.3}±{rstd:.3} ins {ins:.2} len {len:.0} lr {lr:.2e} {:.0} tok/s",
+                gen_tokens as f64 / gen_secs.max(1e-9)
+            );
+            pb.set_message(msg.clone());
+            if pb.is_hidden() {
+                say(
+                    &pb,
+                    &format!("step {}/{} {msg}", state.step, plan.total_steps),
+                );
+            }
+        }
+
+        // ---- validation (greedy reward), best model ----
+        let last = state.step == plan.total_steps;
+        if !valid.is_empty()
+            && (due(&cfg.eval_strategy, cfg.eval_steps, &plan, s)
+                || (last && cfg.eval_strategy != "no"))
+        {
+            let (vr, vins) = eval_reward(
+                model,
+                task,
+                valid,
+                cfg.per_device_eval_batch_size,
+                cfg.max_completion_length,
+                cfg.max_prompt_length,
+            )?;
+            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
+            rec["eval_reward"] = json!(vr);
+            rec["eval_insertions_per_sample"] = json!(vins);
+            metrics.log(rec)?;
+            say(
+                &pb,
+                &format!(
+                    "step {} validation reward {vr:.3} insertions {vins:.2}",
+                    state.step
+                ),
+            );
+            // best_metric is "lower is better": store the negated reward.
+            if state.best_metric.is_none_or(|b| -vr < b) {
+                state.best_metric = Some(-vr);
+                state.best_step = Some(state.step);
+                model.save(&out.join(BEST))?;
+            }
+        }
+
+        // ---- checkpoints ----
+        let stop_now = interrupted() || run.stop_after == Some(state.step);
+        if due(&cfg.save_strategy, cfg.save_steps, &plan, s) || last || stop_now {
+            let mut st = state.clone();
+            st.elapsed = elapsed(&state);
+            save_checkpoint(out, model, &opt, &st)?;
+            metrics.plot()?;
+        }
+        if stop_now && !last {
+            stopped = true;
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    if stopped {
+        if interrupted() {
+            anyhow::bail!(
+                "interrupted at step {}: resume with --resume {}",
+                state.step,
+                out.join(LAST).display()
+            );
+        }
+        return Ok(GrpoOutcome {
+            steps: state.step,
+            first_reward: first_reward.unwrap_or(f64::NAN),
+            last_reward,
+            final_dir: None,
+        });
+    }
+    let final_dir = out.join(match target {
+        Target::Weaver => "weaver",
+        Target::Trigger => "trigger",
+    });
+    if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
+        model.load_weights(
+            &Path::new(out).join(BEST).join("model.safetensors"),
+            &[target.part()],
+        )?;
+        eprintln!(
+            "loaded the best model (step {}, validation reward {:.3})",
+            state.best_step.unwrap_or(0),
+            -state.best_metric.unwrap_or(f64::NAN)
+        );
+    }
+    model.save(&final_dir)?;
+    metrics.plot()?;
+    Ok(GrpoOutcome {
+        steps: state.step,
+        first_reward: first_reward.unwrap_or(f64::NAN),
+        last_reward,
+        final_dir: Some(final_dir),
+    })
+}
+
+/// The reference policy's values: saved at the start of a run (so a resumed run keeps the same
+/// reference), read back when present.
+fn reference_values(
+    vars: &[Var],
+    model: &MemGenModel,
+    file: &Path,
+    target: Target,
+) -> anyhow::Result<Vec<Tensor>> {
+    if file.is_file() {
+        let map = candle_core::safetensors::load(file, model.reasoner.device())?;
+        let keys: Vec<String> = model
+            .named_vars()
+            .into_iter()
+            .filter(|(_, _, p)| *p == target.part())
+            .map(|(k, _, _)| k)
+            .collect();
+        return keys
+            .iter()
+            .zip(vars)
+            .map(|(k, v)| {
+                let t = map
+                    .get(k)
+                    .ok_or_else(|| anyhow::anyhow!("{}: missing `{k}`", file.display()))?;
+                Ok(t.to_dtype(v.dtype())?)
+            })
+            .collect();
+    }
+    let named: Vec<(String, Tensor)> = model
+        .named_vars()
+        .into_iter()
+        .filter(|(_, _, p)| *p == target.part())
+        .map(|(k, v, _)| Ok((k, v.as_tensor().copy()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let map: std::collections::HashMap<String, Tensor> = named.iter().cloned().collect();
+    let tmp = tempfile::Builder::new()
+        .prefix(".reference.")
+        .tempfile_in(file.parent().unwrap_or(Path::new(".")))?;
+    candle_core::safetensors::save(&map, tmp.path())?;
+    tmp.persist(file)
+        .map_err(|e| anyhow::anyhow!("saving {}: {}", file.display(), e.error))?;
+    Ok(named.into_iter().map(|(_, t)| t).collect())
+}

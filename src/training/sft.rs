@@ -1,0 +1,351 @@
+//! Weaver SFT: the whole loop in one place (nanoGPT style).
+//!
+//! data → ChatML tokens with the loss on the assistant turn → batches → teacher-forced loss with
+//! memories at the prompt point and the first delimiter boundaries → AdamW with warmup/decay and
+//! global-norm clipping → periodic validation loss, checkpoints and logs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::metrics::{record, Metrics};
+use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use super::{
+    due, find_resume, interrupted, load_checkpoint, progress, save_checkpoint, say, step_rng, Plan,
+    TrainerState, BEST,
+};
+use crate::backbone::Mode;
+use crate::config::SftConfig;
+use crate::memory::checkpoint::Part;
+use crate::memory::teacher::TfRow;
+use crate::memory::MemGenModel;
+use crate::tasks::{render_chatml, Message, Sample};
+
+/// Turn samples into teacher-forcing rows: the prompt with its generation prompt, then the target,
+/// `<|im_end|>` and `\n` — those last three carry the loss (DESIGN.md, "Prompts and chat
+/// template"). Rows longer than `max_length` are cut on the answer side; samples whose prompt
+/// alone fills `max_length`, or without a target, are skipped (counted in the second value).
+pub fn sft_rows(
+    model: &MemGenModel,
+    samples: &[Sample],
+    max_length: usize,
+) -> anyhow::Result<(Vec<TfRow>, usize)> {
+    let mut rows = vec![];
+    let mut skipped = 0;
+    for s in samples {
+        let Some(target) = &s.target else {
+            skipped += 1;
+            continue;
+        };
+        let prompt = model.tokenizer.encode(&render_chatml(&s.messages, true))?;
+        let answer = model.tokenizer.encode(&format!("{target}<|im_end|>\n"))?;
+        match sft_row(model, prompt, answer, max_length) {
+            Some(r) => rows.push(r),
+            None => skipped += 1,
+        }
+    }
+    Ok((rows, skipped))
+}
+
+/// One row from prompt and answer ids, with the training insertion points.
+pub fn sft_row(
+    model: &MemGenModel,
+    prompt: Vec<u32>,
+    answer: Vec<u32>,
+    max_length: usize,
+) -> Option<TfRow> {
+    let p = prompt.len();
+    if p == 0 || answer.is_empty() || p + 1 > max_length {
+        return None;
+    }
+    let mut tokens = prompt;
+    tokens.extend(answer);
+    tokens.truncate(max_length);
+    let loss_mask: Vec<bool> = (0..tokens.len()).map(|i| i >= p).collect();
+    let ins = &model.spec.insertion;
+    let prompt_points: Vec<usize> = if ins.max_prompt_aug_num > 0 {
+        vec![p]
+    } else {
+        vec![]
+    };
+    let points = model.boundary.training_points(
+        &tokens,
+        &loss_mask,
+        &prompt_points,
+        ins.max_inference_aug_num,
+    );
+    Some(TfRow {
+        tokens,
+        loss_mask,
+        points,
+    })
+}
+
+/// Rows from a plain (prompt, answer) text pair, for callers without a task.
+pub fn text_row(model: &MemGenModel, question: &str, answer: &str) -> anyhow::Result<TfRow> {
+    let prompt = model
+        .tokenizer
+        .encode(&render_chatml(&[Message::user(question)], true))?;
+    let ans = model.tokenizer.encode(&format!("{answer}<|im_end|>\n"))?;
+    sft_row(model, prompt, ans, usize::MAX).ok_or_else(|| anyhow::anyhow!("empty row"))
+}
+
+/// How one SFT run is driven (beyond the config).
+#[derive(Debug, Clone)]
+pub struct SftRun {
+    pub cfg: SftConfig,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Resume from this checkpoint; without it, from `<out>/checkpoint-last/` if present.
+    pub resume: Option<PathBuf>,
+    /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftOutcome {
+    pub steps: usize,
+    /// Mean training loss of the first and the last logged window.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub best_eval: Option<f64>,
+    /// `<out>/weaver/` when the run finished; None when it stopped early (checkpoint-last holds it).
+    pub final_dir: Option<PathBuf>,
+}
+
+/// Target tokens of a row (tokens predicted from the one before: `loss_mask[i]`, i ≥ 1).
+fn n_targets(r: &TfRow) -> usize {
+    r.loss_mask.iter().skip(1).filter(|&&m| m).count()
+}
+
+/// Token-weighted mean validation loss, no dropout and no graph.
+pub fn eval_loss(model: &MemGenModel, rows: &[TfRow], batch: usize) -> anyhow::Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in rows.chunks(batch.max(1)) {
+        let (loss, count) = model.sft_loss(chunk, &mut Mode::Infer)?;
+        sum += loss.to_scalar::<f32>()? as f64 * count as f64;
+        n += count;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+pub fn train_sft(
+    model: &MemGenModel,
+    run: &SftRun,
+    train: &[TfRow],
+    valid: &[TfRow],
+) -> anyhow::Result<SftOutcome> {
+    let cfg = &run.cfg;
+    let out = &run.out;
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let plan = Plan::new(
+        train.len(),
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.num_train_epochs,
+        cfg.max_steps,
+        run.seed,
+    )?;
+    let sched = Schedule::new(
+        &cfg.lr_scheduler_type,
+        cfg.learning_rate,
+        cfg.warmup_ratio,
+        plan.total_steps,
+    );
+    let vars = model.weaver_vars();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: cfg.learning_rate,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+    let mut state = TrainerState {
+        total_steps: plan.total_steps,
+        kind: "sft".into(),
+        ..Default::default()
+    };
+    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
+        state = load_checkpoint(&dir, model, &mut opt, &[Part::Weaver], "sft")?;
+        anyhow::ensure!(
+            state.total_steps == plan.total_steps,
+            "{}: the checkpoint belongs to a run of {} steps, this one has {} (same config needed to resume)",
+            dir.display(),
+            state.total_steps,
+            plan.total_steps
+        );
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
+    let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
+    let pb = progress(plan.total_steps, "weaver sft");
+    pb.set_position(state.step as u64);
+    let started = Instant::now();
+    let elapsed = |st: &TrainerState| st.elapsed + started.elapsed().as_secs_f64();
+
+    let (mut win_loss, mut win_n, mut win_tokens) = (0f64, 0usize, 0usize);
+    let mut win_start = Instant::now();
+    let mut first_loss = None;
+    let mut last_loss = f64::NAN;
+    let mut stopped = false;
+
+    while state.step < plan.total_steps {
+        let s = state.step;
+        // ---- forward/backward over this step's micro-batches, gradients summed ----
+        let micro = plan.micro_batches(s);
+        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0f64;
+        for (j, idx) in micro.iter().enumerate() {
+            let rows: Vec<&TfRow> = idx.iter().map(|&i| &train[i]).collect();
+            win_tokens += rows.iter().map(|r| r.tokens.len()).sum::<usize>();
+            // The batch loss is the mean NLL over all its target tokens. It is computed one row at
+            // a time — row loss weighted by its share of the batch's targets — which gives the
+            // same gradient with a quarter of the activation memory at batch 4 (the backward
+            // graph of a 135M model over a few hundred tokens is several GB on CPU).
+            let n_batch: usize = rows.iter().map(|r| n_targets(r)).sum();
+            anyhow::ensure!(n_batch > 0, "a batch without answer tokens");
+            let mut rng = step_rng(run.seed, (s * plan.accum + j) as u64, 0xD80);
+            for row in rows {
+                let n = n_targets(row);
+                if n == 0 {
+                    continue;
+                }
+                let (loss, _) =
+                    model.sft_loss(std::slice::from_ref(row), &mut Mode::Train(&mut rng))?;
+                let l = loss.to_scalar::<f32>()? as f64;
+                if !l.is_finite() {
+                    pb.abandon();
+                    anyhow::bail!(
+                        "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
+                        s + 1,
+                        out.join(super::LAST).display()
+                    );
+                }
+                // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
+                let w = n as f64 / n_batch as f64 / micro.len() as f64;
+                step_loss += l * w;
+                let g = (loss * w)?.backward()?;
+                accumulate(&mut grads, &vars, &g)?;
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            pb.abandon();
+            anyhow::bail!(
+                "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is in {}",
+                s + 1,
+                out.join(super::LAST).display()
+            );
+        }
+        let lr = sched.lr(s);
+        opt.step(&grads, lr)?;
+        state.step = s + 1;
+        win_loss += step_loss;
+        win_n += 1;
+        last_loss = step_loss;
+        pb.set_position(state.step as u64);
+
+        // ---- logging ----
+        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
+            let secs = win_start.elapsed().as_secs_f64();
+            let avg = win_loss / win_n as f64;
+            first_loss.get_or_insert(avg);
+            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
+            rec["loss"] = json!(avg);
+            rec["lr"] = json!(lr);
+            rec["grad_norm"] = json!(grad_norm);
+            rec["tokens_per_s"] = json!(win_tokens as f64 / secs.max(1e-9));
+            metrics.log(rec)?;
+            pb.set_message(format!(
+                "loss {avg:.4} lr {lr:.2e} {:.0} tok/s",
+                win_tokens as f64 / secs.max(1e-9)
+            ));
+            if pb.is_hidden() {
+                say(
+                    &pb,
+                    &format!(
+                        "step {}/{} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {:.0} tok/s",
+                        state.step,
+                        plan.total_steps,
+                        win_tokens as f64 / secs.max(1e-9)
+                    ),
+                );
+            }
+            (win_loss, win_n, win_tokens) = (0.0, 0, 0);
+            win_start = Instant::now();
+        }
+
+        // ---- validation, best model ----
+        let last = state.step == plan.total_steps;
+        if !valid.is_empty()
+            && (due(&cfg.eval_strategy, cfg.eval_steps, &plan, s)
+                || (last && cfg.eval_strategy != "no"))
+        {
+            let vl = eval_loss(model, valid, cfg.per_device_eval_batch_size)?;
+            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
+            rec["eval_loss"] = json!(vl);
+            metrics.log(rec)?;
+            say(&pb, &format!("step {} validation loss {vl:.4}", state.step));
+            if vl.is_finite() && state.best_metric.is_none_or(|b| vl < b) {
+                state.best_metric = Some(vl);
+                state.best_step = Some(state.step);
+                model.save(&out.join(BEST))?;
+            }
+        }
+
+        // ---- checkpoints ----
+        let stop_now = interrupted() || run.stop_after == Some(state.step);
+        if due(&cfg.save_strategy, cfg.save_steps, &plan, s) || last || stop_now {
+            let mut st = state.clone();
+            st.elapsed = elapsed(&state);
+            save_checkpoint(out, model, &opt, &st)?;
+            metrics.plot()?;
+        }
+        if stop_now && !last {
+            stopped = true;
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    if stopped {
+        let dir = out.join(super::LAST);
+        if interrupted() {
+            anyhow::bail!(
+                "interrupted at step {}: resume with --resume {}",
+                state.step,
+                dir.display()
+            );
+        }
+        return Ok(SftOutcome {
+            steps: state.step,
+            first_loss: first_loss.unwrap_or(f64::NAN),
+            last_loss,
+            best_eval: state.best_metric,
+            final_dir: None,
+        });
+    }
+    // The final weaver: the best validation checkpoint when asked for, else the last weights.
+    let final_dir = out.join("weaver");
+    if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
+        let best = Path::new(out).join(BEST).join("model.safetensors");
+        model.load_weights(&best, &[Part::Weaver])?;
+        eprintln!(
+            "loaded the best model (step {}, validation loss {:.4})",
+            state.best_step.unwrap_or(0),
+            state.best_metric.unwrap_or(f64::NAN)
+        );
+    }
+    model.save(&final_dir)?;
+    metrics.plot()?;
+    Ok(SftOutcome {
+        steps: state.step,
+        first_loss: first_loss.unwrap_or(f64::NAN),
+        last_loss,
+        best_eval: state.best_metric,
+        final_dir: Some(final_dir),
+    })
+}

@@ -1,0 +1,468 @@
+//! Training on tiny models built in code: the optimiser and schedules against hand-computed
+//! values, GRPO advantages and losses on fixed numbers, overfitting four samples, bit-identical
+//! resume, GRPO smoke runs, and config errors from the CLI.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+use memgen::backbone::{Arch, TextTokenizer};
+use memgen::config::{GrpoConfig, SftConfig};
+use memgen::memory::teacher::TfRow;
+use memgen::memory::{MemGenModel, MemGenSpec};
+use memgen::tasks::{Graded, Message, Sample, Split, Task};
+use memgen::training::grpo::{self, advantages, policy_loss, LossSpec};
+use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use memgen::training::schedule::Schedule;
+use memgen::training::sft::{self, SftRun};
+
+/// Word-level tokenizer over the tiny models' 61 ids; every third id ends with `.`, `,` or `\n`.
+fn tiny_tokenizer() -> Arc<TextTokenizer> {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab: HashMap<String, u32> = (0..61u32)
+        .map(|i| {
+            let s = match i % 9 {
+                0 => format!("w{i}."),
+                3 => format!("w{i},"),
+                6 => format!("w{i}\n"),
+                _ => format!("w{i}"),
+            };
+            (s, i)
+        })
+        .collect();
+    let wl = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w1".into())
+        .build()
+        .unwrap();
+    let mut tk = tokenizers::Tokenizer::new(wl);
+    tk.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
+    Arc::new(TextTokenizer {
+        inner: tk,
+        bos_token: None,
+        eos_token: None,
+        eos_ids: vec![],
+        pad_id: 1,
+        chat_template: None,
+    })
+}
+
+fn tiny_memgen(trigger: bool) -> MemGenModel {
+    let reasoner = common::tiny(Arch::Qwen2, 21);
+    let weaver_base = common::tiny(Arch::Qwen2, 22);
+    let trig = common::tiny(Arch::Qwen2, 23);
+    let mut spec = MemGenSpec::new("tiny");
+    spec.prompt_latents_len = 2;
+    spec.inference_latents_len = 2;
+    spec.insertion.max_inference_aug_num = 2;
+    // Dropout on, so the resume test covers the dropout RNG too.
+    spec.weaver_lora.lora_dropout = 0.1;
+    MemGenModel::assemble(
+        spec,
+        reasoner,
+        tiny_tokenizer(),
+        &weaver_base,
+        trigger.then_some(&trig),
+    )
+    .unwrap()
+}
+
+/// Four rows: a short prompt, then an answer with delimiter tokens (ids ≡ 0, 3, 6 mod 9).
+fn rows(m: &MemGenModel) -> Vec<TfRow> {
+    let data: [(&[u32], &[u32]); 4] = [
+        (&[5, 7, 8], &[10, 11, 12, 13, 14, 15, 16]),
+        (&[4, 8, 2, 7], &[20, 21, 22, 23, 24, 25]),
+        (&[7, 5], &[30, 31, 32, 33, 34, 35, 36, 37]),
+        (&[2, 4, 5, 8], &[40, 41, 42, 43, 44]),
+    ];
+    data.iter()
+        .map(|(p, a)| sft::sft_row(m, p.to_vec(), a.to_vec(), 64).unwrap())
+        .collect()
+}
+
+fn sft_cfg(steps: usize, lr: f64) -> SftConfig {
+    SftConfig {
+        max_steps: Some(steps),
+        per_device_train_batch_size: 2,
+        per_device_eval_batch_size: 4,
+        learning_rate: lr,
+        warmup_ratio: 0.1,
+        logging_steps: 1,
+        eval_strategy: "steps".into(),
+        eval_steps: 3,
+        save_strategy: "steps".into(),
+        save_steps: 2,
+        ..SftConfig::default()
+    }
+}
+
+#[test]
+fn adamw_matches_hand_computed_torch_update() {
+    let p0 = [1.0f64, -2.0, 0.5];
+    let grads = [[0.5f64, 0.1, -0.3], [0.2, -0.4, 0.0]];
+    let (lr, b1, b2, eps, wd) = (0.1, 0.9, 0.999, 1e-8, 0.01);
+    let var = Var::from_vec(p0.iter().map(|&x| x as f32).collect(), 3, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(
+        vec![var.clone()],
+        AdamWConfig {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+        },
+    )
+    .unwrap();
+    // torch.optim.AdamW, written out.
+    let mut p = p0;
+    let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+    for (t, g) in grads.iter().enumerate() {
+        let t = (t + 1) as i32;
+        for i in 0..3 {
+            p[i] *= 1.0 - lr * wd;
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            let mh = m[i] / (1.0 - b1.powi(t));
+            let vh = v[i] / (1.0 - b2.powi(t));
+            p[i] -= lr * mh / (vh.sqrt() + eps);
+        }
+        let gt = Tensor::from_vec(g.iter().map(|&x| x as f32).collect(), 3, &Device::Cpu).unwrap();
+        opt.step(&[Some(gt)], lr).unwrap();
+    }
+    let got = var.as_tensor().to_vec1::<f32>().unwrap();
+    for i in 0..3 {
+        assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+    }
+    // First step of Adam moves each coordinate by ~lr against the gradient's sign.
+    assert!((p0[0] - got[0] as f64) > 0.15);
+
+    // State round trip.
+    let dir = tempfile::tempdir().unwrap();
+    opt.save(&dir.path().join("opt.safetensors")).unwrap();
+    let mut o2 = AdamW::new(vec![var.clone()], opt.cfg).unwrap();
+    o2.load(&dir.path().join("opt.safetensors")).unwrap();
+    assert_eq!(o2.t, 2);
+}
+
+#[test]
+fn grad_clipping_uses_the_global_norm() {
+    let a = Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[4f32], &Device::Cpu).unwrap();
+    let mut g = vec![Some(a), None, Some(b)];
+    let n = clip_grad_norm(&mut g, 1.0).unwrap();
+    assert!((n - 5.0).abs() < 1e-6);
+    let a = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
+    assert!((a[0] - 0.6).abs() < 1e-5);
+}
+
+#[test]
+fn schedules_follow_hugging_face() {
+    let c = Schedule::new("cosine", 1.0, 0.1, 10);
+    assert_eq!(c.warmup_steps, 1);
+    assert_eq!(c.factor(0), 0.0);
+    assert!((c.factor(1) - 1.0).abs() < 1e-12);
+    let want = 0.5 * (1.0 + (std::f64::consts::PI * 5.0 / 9.0).cos());
+    assert!((c.factor(6) - want).abs() < 1e-12);
+    assert!(c.factor(10).abs() < 1e-12);
+    let l = Schedule::new("linear", 2.0, 0.15, 10);
+    assert_eq!(l.warmup_steps, 2);
+    assert!((l.lr(1) - 1.0).abs() < 1e-12);
+    assert!((l.lr(5) - 2.0 * 5.0 / 8.0).abs() < 1e-12);
+    let k = Schedule::new("constant", 3.0, 0.5, 10);
+    assert_eq!(k.lr(0), 3.0);
+    let kw = Schedule::new("constant_with_warmup", 3.0, 0.5, 10);
+    assert!((kw.lr(1) - 0.6).abs() < 1e-12);
+    assert_eq!(kw.lr(7), 3.0);
+}
+
+#[test]
+fn grpo_advantages_by_hand() {
+    let a = advantages(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 2, true);
+    let s = (0.5f64).sqrt() + 1e-4; // std with n−1 of {1, 0} is √0.5
+    assert!((a[0] - 0.5 / s).abs() < 1e-12);
+    assert!((a[1] + 0.5 / s).abs() < 1e-12);
+    assert!((a[2] + 0.5 / s).abs() < 1e-12);
+    assert_eq!(&a[4..], &[0.0, 0.0]);
+    let u = advantages(&[3.0, 1.0, 2.0], 3, false);
+    assert_eq!(u, vec![1.0, -1.0, 0.0]);
+}
+
+#[test]
+fn grpo_losses_by_hand() {
+    let dev = Device::Cpu;
+    // Three policy tokens: two of sequence 0 (A = 1), one of sequence 1 (A = −0.5), plus a fourth
+    // of sequence 1 whose ratio is clipped from above.
+    let new = [-1.0f64, -2.0, -0.5, -1.0];
+    let old = [-1.1f64, -1.5, -0.5, -1.5];
+    let seq = [0usize, 0, 1, 1];
+    let adv = [1.0f64, -0.5];
+    let eps = 0.2;
+    let per: Vec<f64> = (0..4)
+        .map(|i| {
+            let r = (new[i] - old[i]).exp();
+            let a = adv[seq[i]];
+            -(r * a).min(r.clamp(1.0 - eps, 1.0 + eps) * a)
+        })
+        .collect();
+    // Token 3: r = e^0.5 ≈ 1.65, A < 0: min(r·A, 1.2·A) = r·A (unclipped, pessimistic side).
+    assert!((per[3] - 0.5 * 0.5f64.exp()).abs() < 1e-12);
+    let t =
+        |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
+    let loss = |ty: &str, beta: f64, refl: Option<&Tensor>| {
+        let spec = LossSpec {
+            loss_type: ty.into(),
+            eps_low: eps,
+            eps_high: eps,
+            beta,
+            max_completion_length: 5,
+        };
+        policy_loss(&t(&new), &t(&old), refl, &adv, &seq, &spec)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let sum: f64 = per.iter().sum();
+    assert!((loss("bnpo", 0.0, None) - sum / 4.0).abs() < 1e-6);
+    let grpo_want = ((per[0] + per[1]) / 2.0 + (per[2] + per[3]) / 2.0) / 2.0;
+    assert!((loss("grpo", 0.0, None) - grpo_want).abs() < 1e-6);
+    assert!((loss("dr_grpo", 0.0, None) - sum / (2.0 * 5.0)).abs() < 1e-6);
+    // β·KL (k3) to a reference.
+    let refv = [-1.2f64, -1.8, -0.4, -1.0];
+    let kl: f64 = (0..4)
+        .map(|i| {
+            let d = refv[i] - new[i];
+            d.exp() - d - 1.0
+        })
+        .sum();
+    let got = loss("bnpo", 0.1, Some(&t(&refv)));
+    assert!((got - (sum + 0.1 * kl) / 4.0).abs() < 1e-6);
+    // Asymmetric clip: ε_high = 0.28 changes the clipped value of an A > 0 token with r > 1.2.
+    let spec = LossSpec {
+        loss_type: "bnpo".into(),
+        eps_low: 0.2,
+        eps_high: 0.28,
+        beta: 0.0,
+        max_completion_length: 5,
+    };
+    let l = policy_loss(&t(&[0.0]), &t(&[-0.5]), None, &[1.0], &[0], &spec)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!((l + 1.28).abs() < 1e-6);
+}
+
+#[test]
+fn tiny_model_overfits_four_samples() {
+    let m = tiny_memgen(false);
+    let r = rows(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = sft_cfg(80, 3e-2);
+    cfg.per_device_train_batch_size = 4;
+    cfg.logging_steps = 10;
+    cfg.warmup_ratio = 0.0;
+    let before = sft::eval_loss(&m, &r, 4).unwrap();
+    let run = SftRun {
+        cfg,
+        seed: 1,
+        out: dir.path().to_path_buf(),
+        resume: None,
+        stop_after: None,
+    };
+    let o = sft::train_sft(&m, &run, &r, &r).unwrap();
+    let after = sft::eval_loss(&m, &r, 4).unwrap();
+    assert!(after < 0.7 * before, "loss {before} → {after}");
+    assert!(o.last_loss < o.first_loss);
+    // The run's artefacts.
+    for f in [
+        "weaver/model.safetensors",
+        "weaver/memgen.json",
+        "metrics.jsonl",
+        "curves.svg",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("curves.svg")).unwrap();
+    assert!(svg.contains("<polyline"));
+}
+
+fn read_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let map = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = map
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn sft_resume_is_bit_identical() {
+    let straight = tempfile::tempdir().unwrap();
+    let resumed = tempfile::tempdir().unwrap();
+    let run = |out: &Path, stop: Option<usize>| {
+        let m = tiny_memgen(false);
+        let r = rows(&m);
+        let run = SftRun {
+            cfg: sft_cfg(6, 5e-3),
+            seed: 3,
+            out: out.to_path_buf(),
+            resume: None,
+            stop_after: stop,
+        };
+        sft::train_sft(&m, &run, &r, &r[..2]).unwrap()
+    };
+    let a = run(straight.path(), None);
+    let b1 = run(resumed.path(), Some(3));
+    assert_eq!(b1.steps, 3);
+    assert!(b1.final_dir.is_none());
+    // A fresh model picks up <out>/checkpoint-last automatically.
+    let b2 = run(resumed.path(), None);
+    assert_eq!((a.steps, b2.steps), (6, 6));
+    for f in [
+        "checkpoint-last/model.safetensors",
+        "checkpoint-last/optimizer.safetensors",
+        "weaver/model.safetensors",
+    ] {
+        assert_eq!(
+            read_tensors(&straight.path().join(f)),
+            read_tensors(&resumed.path().join(f)),
+            "{f} differs"
+        );
+    }
+    // The resumed run's metrics are the straight run's (up to wall-clock fields).
+    let strip = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("elapsed");
+                o.remove("tokens_per_s");
+                v.to_string()
+            })
+            .collect()
+    };
+    assert_eq!(strip(straight.path()), strip(resumed.path()));
+}
+
+/// A toy single-turn task: reward 1 when the completion mentions `w7`.
+struct Toy;
+impl Task for Toy {
+    fn name(&self) -> &str {
+        "toy"
+    }
+    fn load(&self, _: Split) -> memgen::tasks::Result<Vec<Sample>> {
+        Ok((0..4)
+            .map(|i| Sample {
+                id: i.to_string(),
+                messages: vec![Message::user(format!("w{} w{} w{}", 2 + i, 4 + i, 10 + i))],
+                target: None,
+                gold: serde_json::json!({}),
+            })
+            .collect())
+    }
+    fn grade(&self, completion: &str, _: &serde_json::Value) -> Graded {
+        Graded::new(completion.contains("w7") as u8 as f64, None)
+    }
+    fn check_gold(&self, _: &serde_json::Value) -> memgen::tasks::Result<()> {
+        Ok(())
+    }
+}
+
+fn grpo_cfg() -> GrpoConfig {
+    GrpoConfig {
+        max_steps: Some(4),
+        per_device_train_batch_size: 4,
+        num_generations: 4,
+        num_iterations: 2,
+        max_completion_length: 6,
+        learning_rate: 1e-2,
+        eval_strategy: "no".into(),
+        save_strategy: "steps".into(),
+        save_steps: 1,
+        beta: 0.05,
+        loss_type: "grpo".into(),
+        insertion_penalty: 0.5,
+        ..GrpoConfig::default()
+    }
+}
+
+#[test]
+fn grpo_runs_and_resumes_bit_identically() {
+    for target in [grpo::Target::Weaver, grpo::Target::Trigger] {
+        let straight = tempfile::tempdir().unwrap();
+        let resumed = tempfile::tempdir().unwrap();
+        let run = |out: &Path, stop: Option<usize>| {
+            let m = tiny_memgen(target == grpo::Target::Trigger);
+            let data = Toy.load(Split::Train).unwrap();
+            let run = grpo::GrpoRun {
+                cfg: grpo_cfg(),
+                target,
+                seed: 5,
+                out: out.to_path_buf(),
+                resume: None,
+                stop_after: stop,
+            };
+            grpo::train_grpo(&m, &run, &Toy, &data, &[]).unwrap()
+        };
+        let a = run(straight.path(), None);
+        assert_eq!(a.steps, 4);
+        assert!(a.first_reward.is_finite());
+        run(resumed.path(), Some(2));
+        run(resumed.path(), None);
+        let name = if target == grpo::Target::Weaver {
+            "weaver"
+        } else {
+            "trigger"
+        };
+        let f = format!("{name}/model.safetensors");
+        assert_eq!(
+            read_tensors(&straight.path().join(&f)),
+            read_tensors(&resumed.path().join(&f)),
+            "{target:?}: {f} differs"
+        );
+        // Training moved the policy.
+        let m0 = tiny_memgen(target == grpo::Target::Trigger);
+        let init = straight.path().join("init");
+        m0.save(&init).unwrap();
+        assert_ne!(
+            read_tensors(&init.join("model.safetensors")),
+            read_tensors(&straight.path().join(&f))
+        );
+        let rec = std::fs::read_to_string(straight.path().join("metrics.jsonl")).unwrap();
+        assert!(rec.contains("insertions_per_sample") && rec.contains("reward_std"));
+    }
+}
+
+#[test]
+fn trigger_train_without_weaver_is_a_one_line_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memgen"))
+        .args(["trigger-train", "--config"])
+        .arg(common::root().join("configs/quickstart.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("trained weaver"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memgen"))
+        .args(["weaver-train", "--config"])
+        .arg(common::root().join("configs/quickstart.yaml"))
+        .args(["--options", "run.weaver.sft.lr_scheduler_type", "warp"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("lr_scheduler_type"), "{err}");
+}
