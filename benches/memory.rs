@@ -45,8 +45,14 @@ fn model() -> anyhow::Result<MemGenModel> {
     // the untrained latents do not derail the reasoner: the text stays natural, so delimiters —
     // and with them the memories — are spread over the answer as with a trained weaver. The work
     // done per token is the same.
+    // Seeded, so every run decodes the same text and inserts at the same points.
+    use rand::Rng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (_, _, l) in m.weaver.backbone.lora.iter() {
-        l.b.set(&Tensor::randn(0f32, 0.02, l.b.shape(), &Device::Cpu)?)?;
+        let v: Vec<f32> = (0..l.b.elem_count())
+            .map(|_| rng.random_range(-0.035f32..0.035))
+            .collect();
+        l.b.set(&Tensor::from_vec(v, l.b.shape(), &Device::Cpu)?)?;
     }
     let w2r = &m.weaver.weaver_to_reasoner;
     w2r.weight.set(&(w2r.weight.as_tensor() * 0.01)?)?;
