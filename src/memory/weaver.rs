@@ -109,8 +109,8 @@ impl Weaver {
         let zeros = Tensor::zeros((k_max, d_r), out.dtype(), out.device())?;
         let mut per_row = Vec::with_capacity(b);
         let mut j = 0;
-        for r in 0..b {
-            if kinds[r].is_some() {
+        for kind in kinds {
+            if kind.is_some() {
                 per_row.push(out.get(j)?);
                 j += 1;
             } else {
