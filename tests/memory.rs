@@ -8,44 +8,12 @@ mod reference;
 
 use reference::{embed, full_forward, ref_generate, ref_tf_logits};
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use candle_core::{DType, Device, IndexOp, Tensor};
 use memgen::backbone::generate::{Sampler, SamplingConfig};
-use memgen::backbone::{self, Arch, Mode, TextTokenizer};
+use memgen::backbone::{self, Arch, Mode};
 use memgen::memory::generate::MemoryOptions;
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec, Point};
-
-/// A word-level tokenizer over the tiny models' 61 ids where every third id ends with `.`, `,` or `\n`.
-fn tiny_tokenizer() -> Arc<TextTokenizer> {
-    use tokenizers::models::wordlevel::WordLevel;
-    let vocab: HashMap<String, u32> = (0..61u32)
-        .map(|i| {
-            let s = match i % 9 {
-                0 => format!("w{i}."),
-                3 => format!("w{i},"),
-                6 => format!("w{i}\n"),
-                _ => format!("w{i}"),
-            };
-            (s, i)
-        })
-        .collect();
-    let wl = WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("w1".into())
-        .build()
-        .unwrap();
-    Arc::new(TextTokenizer {
-        inner: tokenizers::Tokenizer::new(wl),
-        bos_token: None,
-        eos_token: None,
-        eos_ids: vec![],
-        pad_id: 1,
-        chat_template: None,
-    })
-}
 
 fn tiny_memgen(arch: Arch, k_p: usize, k_i: usize, trigger: bool) -> MemGenModel {
     let reasoner = common::tiny(arch, 21);
@@ -58,7 +26,7 @@ fn tiny_memgen(arch: Arch, k_p: usize, k_i: usize, trigger: bool) -> MemGenModel
     let m = MemGenModel::assemble(
         spec,
         reasoner,
-        tiny_tokenizer(),
+        common::tiny_tokenizer(),
         &weaver_base,
         trigger.then_some(&trig),
     )
@@ -346,7 +314,7 @@ fn checkpoints_round_trip_and_report_problems() {
     let other = MemGenModel::assemble(
         other.spec.clone(),
         common::tiny(Arch::Llama, 21),
-        tiny_tokenizer(),
+        common::tiny_tokenizer(),
         &common::tiny(Arch::Llama, 22),
         Some(&common::tiny(Arch::Llama, 23)),
     )

@@ -4,12 +4,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
-use memgen::backbone::{Arch, TextTokenizer};
+use memgen::backbone::Arch;
 use memgen::config::{GrpoConfig, SftConfig};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{MemGenModel, MemGenSpec};
@@ -18,39 +16,6 @@ use memgen::training::grpo::{self, advantages, policy_loss, LossSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::schedule::Schedule;
 use memgen::training::sft::{self, SftRun};
-
-/// Word-level tokenizer over the tiny models' 61 ids; every third id ends with `.`, `,` or `\n`.
-fn tiny_tokenizer() -> Arc<TextTokenizer> {
-    use tokenizers::models::wordlevel::WordLevel;
-    let vocab: HashMap<String, u32> = (0..61u32)
-        .map(|i| {
-            let s = match i % 9 {
-                0 => format!("w{i}."),
-                3 => format!("w{i},"),
-                6 => format!("w{i}\n"),
-                _ => format!("w{i}"),
-            };
-            (s, i)
-        })
-        .collect();
-    let wl = WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("w1".into())
-        .build()
-        .unwrap();
-    let mut tk = tokenizers::Tokenizer::new(wl);
-    tk.with_pre_tokenizer(Some(
-        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
-    ));
-    Arc::new(TextTokenizer {
-        inner: tk,
-        bos_token: None,
-        eos_token: None,
-        eos_ids: vec![],
-        pad_id: 1,
-        chat_template: None,
-    })
-}
 
 fn tiny_memgen(trigger: bool) -> MemGenModel {
     let reasoner = common::tiny(Arch::Qwen2, 21);
@@ -65,7 +30,7 @@ fn tiny_memgen(trigger: bool) -> MemGenModel {
     MemGenModel::assemble(
         spec,
         reasoner,
-        tiny_tokenizer(),
+        common::tiny_tokenizer(),
         &weaver_base,
         trigger.then_some(&trig),
     )

@@ -81,3 +81,36 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Word-level tokenizer over the tiny models' 61 ids; every third id ends with `.`, `,` or `\n`.
+pub fn tiny_tokenizer() -> std::sync::Arc<memgen::backbone::TextTokenizer> {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab: std::collections::HashMap<String, u32> = (0..61u32)
+        .map(|i| {
+            let s = match i % 9 {
+                0 => format!("w{i}."),
+                3 => format!("w{i},"),
+                6 => format!("w{i}\n"),
+                _ => format!("w{i}"),
+            };
+            (s, i)
+        })
+        .collect();
+    let wl = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w1".into())
+        .build()
+        .unwrap();
+    let mut tk = tokenizers::Tokenizer::new(wl);
+    tk.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
+    std::sync::Arc::new(memgen::backbone::TextTokenizer {
+        inner: tk,
+        bos_token: None,
+        eos_token: None,
+        eos_ids: vec![],
+        pad_id: 1,
+        chat_template: None,
+    })
+}
