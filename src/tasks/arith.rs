@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use serde_json::{json, Value};
 
 use super::data::SplitMix64;
-use super::gsm8k::{boxed_gold, grade_boxed, math_prompt};
-use super::{math, Graded, Message, Result, Sample, Split, Task, TaskConfig};
+use super::gsm8k::{boxed_gold, grade_boxed_gold, math_prompt};
+use super::{Graded, Message, Result, Sample, Split, Task, TaskConfig};
 
 const NAMES: &[(&str, bool)] = &[
     ("Tom", true),
@@ -231,10 +231,7 @@ impl Task for Arith {
             .collect())
     }
     fn grade(&self, completion: &str, gold: &Value) -> Graded {
-        match boxed_gold(gold) {
-            Ok(g) => grade_boxed(completion, &g),
-            Err(_) => Graded::new(0.0, math::first_boxed(completion)),
-        }
+        grade_boxed_gold(completion, gold)
     }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         boxed_gold(gold).map(|_| ())
@@ -244,6 +241,7 @@ impl Task for Arith {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::gsm8k::grade_boxed;
 
     /// Re-check every equation in a solution.
     fn check_equations(sol: &str) {

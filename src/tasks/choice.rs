@@ -8,8 +8,7 @@
 use serde_json::{json, Value};
 
 use super::data::{self, field_str, RawRow, SplitMix64};
-use super::gsm8k::{boxed_gold, grade_boxed};
-use super::math;
+use super::gsm8k::{boxed_gold, grade_boxed_gold};
 use super::{Graded, Message, Result, Sample, Split, Task, TaskConfig};
 
 /// The exact MemGen multiple-choice instruction.
@@ -171,10 +170,7 @@ impl Task for MultipleChoice {
         data::load_split(&self.cfg, split, |_, row| self.build(row))
     }
     fn grade(&self, completion: &str, gold: &Value) -> Graded {
-        match boxed_gold(gold) {
-            Ok(g) => grade_boxed(completion, &g),
-            Err(_) => Graded::new(0.0, math::first_boxed(completion)),
-        }
+        grade_boxed_gold(completion, gold)
     }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         boxed_gold(gold).map(|_| ())

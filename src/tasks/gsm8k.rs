@@ -39,6 +39,15 @@ pub fn grade_boxed(completion: &str, gold_answer: &str) -> Graded {
 }
 
 /// The gold answer of a boxed-answer task: `gold.answer`, or else the last box of `gold.target`.
+/// Grade a completion against gold fields holding a boxed answer (`answer`, or `target`'s last
+/// `\boxed{}`): the grader of every boxed-answer task (gsm8k, arith, multiple choice).
+pub fn grade_boxed_gold(completion: &str, gold: &Value) -> Graded {
+    match boxed_gold(gold) {
+        Ok(g) => grade_boxed(completion, &g),
+        Err(_) => Graded::new(0.0, math::first_boxed(completion)),
+    }
+}
+
 pub fn boxed_gold(gold: &Value) -> Result<String> {
     if gold.get("answer").is_some() {
         return gold_str(gold, "answer");
@@ -92,10 +101,7 @@ impl Task for Gsm8k {
         data::load_split(&self.cfg, split, |_, row| self.build(row))
     }
     fn grade(&self, completion: &str, gold: &Value) -> Graded {
-        match boxed_gold(gold) {
-            Ok(g) => grade_boxed(completion, &g),
-            Err(_) => Graded::new(0.0, math::first_boxed(completion)),
-        }
+        grade_boxed_gold(completion, gold)
     }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         boxed_gold(gold).map(|_| ())
