@@ -248,34 +248,7 @@ fn gradients_reach_latents_projections_and_lora() {
         let g = grads
             .get(&var)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let flat = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let n = flat.len();
-        for &i in &[0, n / 2, n - 1] {
-            let eps = 1e-2f32;
-            let set = |v: f32| {
-                let mut w = flat.clone();
-                w[i] = v;
-                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-            };
-            set(flat[i] + eps);
-            let up = f();
-            set(flat[i] - eps);
-            let down = f();
-            set(flat[i]);
-            let num = (up - down) / (2.0 * eps);
-            assert!(
-                (num - gv[i]).abs() <= 3e-2 * num.abs().max(gv[i].abs()) + 1e-3,
-                "{name}[{i}]: analytic {} vs numeric {num}",
-                gv[i]
-            );
-        }
+        common::fd_check(name, &var, g, &f, &[0, 2, 3], 3e-2, 1e-3);
     }
 }
 

@@ -114,3 +114,46 @@ pub fn tiny_tokenizer() -> std::sync::Arc<memgen::backbone::TextTokenizer> {
         chat_template: None,
     })
 }
+
+/// Central finite differences (step 1e-2) of `f` with respect to a few entries of `var`, against
+/// the analytic gradient `grad`. `at` picks entries as quarters of the length (0 = first, 1 = n/3,
+/// 2 = n/2, 3 = last); the check is |numeric − analytic| ≤ rel · max(|numeric|, |analytic|) + abs.
+pub fn fd_check(
+    what: &str,
+    var: &candle_core::Var,
+    grad: &Tensor,
+    f: &dyn Fn() -> f32,
+    at: &[usize],
+    rel: f32,
+    abs: f32,
+) {
+    let flat = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let g = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let n = flat.len();
+    let eps = 1e-2f32;
+    for &which in at {
+        let i = [0, n / 3, n / 2, n - 1][which];
+        let set = |v: f32| {
+            let mut w = flat.clone();
+            w[i] = v;
+            var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        };
+        set(flat[i] + eps);
+        let up = f();
+        set(flat[i] - eps);
+        let down = f();
+        set(flat[i]);
+        let numeric = (up - down) / (2.0 * eps);
+        assert!(
+            (numeric - g[i]).abs() <= rel * numeric.abs().max(g[i].abs()) + abs,
+            "{what}[{i}]: analytic {} vs numeric {numeric}",
+            g[i]
+        );
+    }
+}
