@@ -377,7 +377,7 @@ fn grpo_runs_and_resumes_bit_identically() {
                 resume: None,
                 stop_after: stop,
             };
-            grpo::train_grpo(&m, &run, &Toy, &data, &[]).unwrap()
+            grpo::train_grpo(&m, &run, &Toy, None, &data, &[]).unwrap()
         };
         let a = run(straight.path(), None);
         assert_eq!(a.steps, 4);

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use clap::Args;
 
@@ -12,10 +11,9 @@ use crate::backbone::{self, generate::SamplingConfig};
 use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::{MemGenModel, MemGenSpec};
-use crate::retrieval::client::HttpRetriever;
 use crate::tasks::episode::EpisodeOptions;
 use crate::tasks::eval::{evaluate, EvalSettings, STOP};
-use crate::tasks::search::{token_truncator, EnvConfig, SearchEnv};
+use crate::tasks::search::SearchEnv;
 use crate::tasks::{build_task, Split};
 
 #[derive(Args, Debug, Clone)]
@@ -139,15 +137,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (model, model_desc) = build_model(&args, &cfg)?;
 
     let env = if task.multi_turn() {
-        let retriever = HttpRetriever::new(cfg.retrieval.clone())?;
-        let (t1, t2) = (model.tokenizer.clone(), model.tokenizer.clone());
-        let mut ec = EnvConfig::from_task(&ds.task).with_truncate(token_truncator(
+        Some(SearchEnv::over_http(
+            &cfg.retrieval,
+            &ds.task,
+            gen.max_turns,
             gen.max_obs_tokens,
-            move |s| t1.encode(s).unwrap_or_default(),
-            move |ids| t2.decode(ids).unwrap_or_default(),
-        ));
-        ec.max_turns = gen.max_turns;
-        Some(SearchEnv::new(Arc::new(retriever), ec))
+            model.tokenizer.clone(),
+        )?)
     } else {
         None
     };

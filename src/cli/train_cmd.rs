@@ -8,6 +8,8 @@ use clap::Args;
 use crate::config::RunConfig;
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::MemGenModel;
+use crate::retrieval::client::HttpRetriever;
+use crate::tasks::search::{check_retriever, SearchEnv};
 use crate::tasks::{build_task, Split};
 use crate::training::{self, grpo, sft};
 
@@ -62,14 +64,13 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
         Which::Weaver => cfg.run.train_weaver_method.clone(),
         Which::Trigger => "grpo".into(),
     };
-    if method == "grpo" && task.multi_turn() {
-        anyhow::bail!(
-            "GRPO on multi-turn task `{}` is not supported yet (single-turn tasks only)",
-            ds.name
-        );
-    }
     if which == Which::Weaver && !cfg.run.train_weaver {
         anyhow::bail!("run.train_weaver is false: nothing for weaver-train to do");
+    }
+    // GRPO on a search task rolls out against the retrieval server: fail now, not mid-run.
+    let search = method == "grpo" && task.multi_turn();
+    if search {
+        check_retriever(&HttpRetriever::new(cfg.retrieval.clone())?)?;
     }
     let out = cfg.output_dir();
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
@@ -181,7 +182,25 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
                 valid.len(),
                 out.display()
             );
-            let o = grpo::train_grpo(&model, &run, task.as_ref(), &train, &valid)?;
+            // The episodes run as `memgen eval` runs them (run.generation's turn and observation
+            // caps, the retrieval section's server).
+            let env = if search {
+                let gen = &cfg.run.generation;
+                eprintln!(
+                    "rollouts: search episodes of up to {} turns against {}",
+                    gen.max_turns, cfg.retrieval.url
+                );
+                Some(SearchEnv::over_http(
+                    &cfg.retrieval,
+                    &ds.task,
+                    gen.max_turns,
+                    gen.max_obs_tokens,
+                    model.tokenizer.clone(),
+                )?)
+            } else {
+                None
+            };
+            let o = grpo::train_grpo(&model, &run, task.as_ref(), env.as_ref(), &train, &valid)?;
             println!(
                 "{} grpo: {} steps, reward {:.3} → {:.3}; saved to {}",
                 if w == Which::Weaver {

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use super::{Message, TaskConfig};
+use crate::backbone::TextTokenizer;
+use crate::retrieval::client::{HttpRetriever, RetrievalConfig};
 use crate::retrieval::Retriever;
 
 /// The fixed reply to a turn that neither searches nor answers.
@@ -85,6 +87,20 @@ pub fn parse_action(text: &str) -> Action {
 
 pub use crate::retrieval::format_passages;
 
+/// Send one query and fail if `retriever` does not answer. A failed search only shows the model
+/// `Cannot find corresponding pages.` (as the original does), so a long run against a server that
+/// is down would quietly train on nothing but that.
+pub fn check_retriever(retriever: &dyn Retriever) -> anyhow::Result<()> {
+    retriever
+        .retrieve(&["connectivity check".to_string()], 1)
+        .map(|_| ())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the retrieval server does not answer ({e:#}); start one with `memgen retriever serve` or set retrieval.url"
+            )
+        })
+}
+
 /// Settings of the environment.
 #[derive(Clone)]
 pub struct EnvConfig {
@@ -140,6 +156,27 @@ pub struct SearchEnv {
 impl SearchEnv {
     pub fn new(retriever: Arc<dyn Retriever>, cfg: EnvConfig) -> Self {
         Self { retriever, cfg }
+    }
+
+    /// The environment `memgen eval` and GRPO training use: the Search-R1 HTTP client with the
+    /// run's `retrieval` settings, the task's `topk` and tags, `max_turns` turns, observations cut
+    /// to `max_obs_tokens` tokens of `tokenizer`.
+    pub fn over_http(
+        retrieval: &RetrievalConfig,
+        task: &TaskConfig,
+        max_turns: usize,
+        max_obs_tokens: usize,
+        tokenizer: Arc<TextTokenizer>,
+    ) -> anyhow::Result<Self> {
+        let retriever = HttpRetriever::new(retrieval.clone())?;
+        let t2 = tokenizer.clone();
+        let mut cfg = EnvConfig::from_task(task).with_truncate(token_truncator(
+            max_obs_tokens,
+            move |s| tokenizer.encode(s).unwrap_or_default(),
+            move |ids| t2.decode(ids).unwrap_or_default(),
+        ));
+        cfg.max_turns = max_turns;
+        Ok(Self::new(Arc::new(retriever), cfg))
     }
 
     pub fn config(&self) -> &EnvConfig {

@@ -1,11 +1,15 @@
 //! GRPO for the weaver and for the trigger (DESIGN.md, "GRPO").
 //!
-//! One step: take the next prompts, sample G completions of each with memory (temperature from
-//! the config), reward them with the task, normalise rewards within each group, then update the
+//! One step: take the next prompts, sample G rollouts of each with memory (temperature from the
+//! config), reward them with the task, normalise rewards within each group, then update the
 //! policy with the clipped-ratio loss (`num_iterations` optimiser updates on the same rollouts).
+//! Single-turn tasks roll out with one `model.generate` call; multi-turn (search) tasks run
+//! episodes against the search environment. Both end up as a [`Rollout`]: the token ids the
+//! reasoner read, a mask of the ones it generated, and the memory points and trigger decisions at
+//! absolute positions.
 //!
-//! - Weaver: the policy tokens are the reasoner's answer tokens, scored teacher-forced with the
-//!   memories at exactly the points the rollout inserted them.
+//! - Weaver: the policy tokens are the generated tokens (prompt and observation tokens masked),
+//!   scored teacher-forced with the memories at exactly the points the rollout inserted them.
 //! - Trigger: the policy "tokens" are the trigger's decisions at the boundaries the rollout
 //!   visited, scored by re-reading the rollout's token ids with the trigger; the weaver is frozen.
 
@@ -30,7 +34,9 @@ use crate::memory::checkpoint::Part;
 use crate::memory::generate::{MemGenerated, MemoryOptions};
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel, Point};
-use crate::tasks::{render_chatml, Sample, Task};
+use crate::tasks::episode::{run_episodes, EpisodeDecision, EpisodeOptions, EpisodeResult};
+use crate::tasks::search::SearchEnv;
+use crate::tasks::{render_chatml, Message, Sample, Task};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -174,32 +180,38 @@ pub fn policy_loss(
 
 // ---------------------------------------------------------------- rollouts and scoring
 
-/// One sampled completion with its reward.
+/// One sampled rollout with its reward, in the one form single- and multi-turn tasks share:
+/// absolute token ids, which of them are the reasoner's own, and where memories and trigger
+/// decisions were.
 #[derive(Debug, Clone)]
 pub struct Rollout {
-    pub prompt: Vec<u32>,
-    pub gen: MemGenerated,
+    /// The token ids the reasoner read: the prompt, its own turns and (multi-turn tasks) the
+    /// observations between them.
+    pub tokens: Vec<u32>,
+    /// `loss_mask[i]`: the reasoner generated token i. These are the weaver's policy tokens; the
+    /// prompt and every observation are false.
+    pub loss_mask: Vec<bool>,
+    /// Memories where the rollout inserted them: latents right before `tokens[pos]`. Sorted.
+    pub points: Vec<Point>,
+    /// Trigger decisions at the boundaries the rollout visited; the one at `pos` (right before
+    /// `tokens[pos]`) came from the trigger's logits after reading `tokens[..pos]`.
+    pub decisions: Vec<EpisodeDecision>,
+    /// The conversation: the sample's messages, then every assistant turn and observation.
+    pub messages: Vec<Message>,
+    /// Tokens the reasoner sampled (including any cut off a turn), for throughput.
+    pub sampled_tokens: usize,
     pub reward: f64,
     pub task_reward: f64,
 }
 
 impl Rollout {
-    fn inference_insertions(&self) -> usize {
-        self.gen
-            .insertions
-            .iter()
-            .filter(|i| i.kind == Kind::Inference)
-            .count()
-    }
-
-    /// The teacher-forcing row scoring the completion with memories where the rollout put them.
-    pub fn tf_row(&self) -> TfRow {
-        let p = self.prompt.len();
-        let mut tokens = self.prompt.clone();
-        tokens.extend_from_slice(&self.gen.tokens);
+    /// A single-turn rollout from one `model.generate` row: prompt ids, then the completion.
+    fn from_generated(sample: &Sample, prompt: Vec<u32>, gen: MemGenerated, text: String) -> Self {
+        let p = prompt.len();
+        let mut tokens = prompt;
+        tokens.extend_from_slice(&gen.tokens);
         let loss_mask = (0..tokens.len()).map(|i| i >= p).collect();
-        let points = self
-            .gen
+        let points = gen
             .insertions
             .iter()
             .map(|ins| Point {
@@ -208,10 +220,65 @@ impl Rollout {
             })
             .filter(|pt| pt.pos < tokens.len())
             .collect();
-        TfRow {
-            tokens,
+        let decisions = gen
+            .decisions
+            .iter()
+            .map(|d| EpisodeDecision {
+                turn: 0,
+                pos: p + d.token_index,
+                insert: d.insert,
+                logprob: d.logprob,
+            })
+            .collect();
+        let mut messages = sample.messages.clone();
+        messages.push(Message::assistant(text));
+        Self {
             loss_mask,
             points,
+            decisions,
+            messages,
+            sampled_tokens: gen.tokens.len(),
+            tokens,
+            reward: 0.0,
+            task_reward: 0.0,
+        }
+    }
+
+    /// A multi-turn rollout from an episode: its mask already leaves the observations out.
+    fn from_episode(ep: EpisodeResult) -> Self {
+        let n = ep.tokens.len();
+        Self {
+            tokens: ep.tokens,
+            loss_mask: ep.generated,
+            // A turn that kept no tokens at the very end leaves its prompt memory at `n`:
+            // nothing follows it, so it affects no policy token.
+            points: ep.points.into_iter().filter(|p| p.pos < n).collect(),
+            decisions: ep.decisions,
+            messages: ep.messages,
+            sampled_tokens: ep.sampled_tokens,
+            reward: 0.0,
+            task_reward: 0.0,
+        }
+    }
+
+    pub fn inference_insertions(&self) -> usize {
+        self.points
+            .iter()
+            .filter(|p| p.kind == Kind::Inference)
+            .count()
+    }
+
+    /// Tokens the reasoner generated (the weaver's policy tokens).
+    pub fn generated_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|&&g| g).count()
+    }
+
+    /// The teacher-forcing row scoring the generated tokens with memories where the rollout put them.
+    pub fn tf_row(&self) -> TfRow {
+        TfRow {
+            tokens: self.tokens.clone(),
+            loss_mask: self.loss_mask.clone(),
+            points: self.points.clone(),
         }
     }
 }
@@ -225,24 +292,57 @@ pub fn prompt_ids(model: &MemGenModel, s: &Sample, max: usize) -> anyhow::Result
     Ok(ids)
 }
 
-/// Generate with memory for these prompts and reward each completion.
+/// Sample `repeat` rollouts of each sample with memory and reward them with the task. Single-turn
+/// tasks take one batched `model.generate` call (prompts cut to `max_prompt_length`); multi-turn
+/// tasks run episodes against `env` (the search environment), whose turn cap bounds their length.
+/// The trigger's insertion penalty (λ · inference insertions / cap) comes off the reward.
 #[allow(clippy::too_many_arguments)]
 pub fn rollouts(
     model: &MemGenModel,
     task: &dyn Task,
+    env: Option<&SearchEnv>,
     samples: &[&Sample],
     repeat: usize,
     sampling: SamplingConfig,
     max_prompt_length: usize,
     insertion_penalty: f64,
 ) -> anyhow::Result<Vec<Rollout>> {
+    let mut out = if task.multi_turn() {
+        let env = env.ok_or_else(|| {
+            anyhow::anyhow!(
+                "task `{}` is multi-turn: its rollouts need a search environment",
+                task.name()
+            )
+        })?;
+        episode_rollouts(model, task, env, samples, repeat, sampling)?
+    } else {
+        generated_rollouts(model, task, samples, repeat, sampling, max_prompt_length)?
+    };
+    let cap = model.spec.insertion.max_inference_aug_num;
+    if insertion_penalty != 0.0 && cap > 0 {
+        for r in &mut out {
+            r.reward -= insertion_penalty * r.inference_insertions() as f64 / cap as f64;
+        }
+    }
+    Ok(out)
+}
+
+/// Single-turn rollouts: all prompts in one `model.generate` batch.
+fn generated_rollouts(
+    model: &MemGenModel,
+    task: &dyn Task,
+    samples: &[&Sample],
+    repeat: usize,
+    sampling: SamplingConfig,
+    max_prompt_length: usize,
+) -> anyhow::Result<Vec<Rollout>> {
     let mut prompts = vec![];
-    let mut golds = vec![];
+    let mut rows = vec![];
     for s in samples {
         let ids = prompt_ids(model, s, max_prompt_length)?;
         for _ in 0..repeat {
             prompts.push(ids.clone());
-            golds.push(&s.gold);
+            rows.push(*s);
         }
     }
     let ins = &model.spec.insertion;
@@ -253,27 +353,52 @@ pub fn rollouts(
     };
     let mut sampler = Sampler::new(sampling);
     let gens = model.generate(&prompts, &opts, &mut sampler, |_, _| {})?;
-    let cap = ins.max_inference_aug_num;
     let mut out = vec![];
-    for ((prompt, gen), gold) in prompts.into_iter().zip(gens).zip(golds) {
+    for ((prompt, gen), s) in prompts.into_iter().zip(gens).zip(rows) {
         let text = model.tokenizer.decode_skip_special(&gen.tokens)?;
-        let task_reward = task.reward(&text, gold);
-        let mut r = Rollout {
-            prompt,
-            gen,
-            reward: task_reward,
-            task_reward,
-        };
-        if insertion_penalty != 0.0 && cap > 0 {
-            r.reward -= insertion_penalty * r.inference_insertions() as f64 / cap as f64;
-        }
+        let task_reward = task.reward(&text, &s.gold);
+        let mut r = Rollout::from_generated(s, prompt, gen, text);
+        r.reward = task_reward;
+        r.task_reward = task_reward;
         out.push(r);
     }
     Ok(out)
 }
 
-/// Weaver policy log-probs: every completion token, teacher-forced with the rollout's memories.
-/// Returns (log-probs, sequence of each).
+/// Multi-turn rollouts: one episode per generation, all of them batched turn by turn
+/// (`sampling.max_new_tokens` caps each turn); the reward reads the whole episode's assistant
+/// text, as evaluation grades it.
+fn episode_rollouts(
+    model: &MemGenModel,
+    task: &dyn Task,
+    env: &SearchEnv,
+    samples: &[&Sample],
+    repeat: usize,
+    sampling: SamplingConfig,
+) -> anyhow::Result<Vec<Rollout>> {
+    let batch: Vec<Sample> = samples
+        .iter()
+        .flat_map(|s| std::iter::repeat_n((*s).clone(), repeat))
+        .collect();
+    // The sampling seed also seeds which turns get a prompt memory (when capped below max_turns).
+    let opts = EpisodeOptions::from_model(model, env.config().max_turns, sampling.seed);
+    let mut sampler = Sampler::new(sampling);
+    let eps = run_episodes(model, &batch, Some(env), &opts, &mut sampler)?;
+    Ok(eps
+        .into_iter()
+        .zip(&batch)
+        .map(|(ep, s)| {
+            let task_reward = task.reward(&ep.completion, &s.gold);
+            let mut r = Rollout::from_episode(ep);
+            r.reward = task_reward;
+            r.task_reward = task_reward;
+            r
+        })
+        .collect())
+}
+
+/// Weaver policy log-probs: every generated token (never a prompt or observation token),
+/// teacher-forced with the rollout's memories. Returns (log-probs, sequence of each).
 pub fn weaver_logprobs(
     model: &MemGenModel,
     rolls: &[Rollout],
@@ -285,9 +410,9 @@ pub fn weaver_logprobs(
     Ok((lp, at.into_iter().map(|(r, _)| r).collect()))
 }
 
-/// Trigger policy log-probs of the decisions each rollout made: the trigger re-reads prompt +
-/// completion ids (no latents); a decision before generated token t came from its logits at
-/// absolute position prompt_len + t − 1, sampled at `temperature`.
+/// Trigger policy log-probs of the decisions each rollout made: the trigger re-reads the
+/// rollout's token ids (no latents; in multi-turn rollouts the whole episode); the decision at
+/// `pos` came from its logits at position `pos − 1`, sampled at `temperature`.
 pub fn trigger_logprobs(
     model: &MemGenModel,
     rolls: &[Rollout],
@@ -300,15 +425,12 @@ pub fn trigger_logprobs(
         .ok_or_else(|| anyhow::anyhow!("trigger GRPO needs a trigger"))?;
     let dev = model.reasoner.device().clone();
     let b = rolls.len();
-    let seqs: Vec<Vec<u32>> = rolls
-        .iter()
-        .map(|r| [r.prompt.clone(), r.gen.tokens.clone()].concat())
-        .collect();
-    let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let l = rolls.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
     let mut ids = vec![];
     let mut mask = vec![];
     let mut pos = vec![];
-    for s in &seqs {
+    for r in rolls {
+        let s = &r.tokens;
         let mut v = s.clone();
         v.resize(l, model.tokenizer.pad_id);
         ids.extend(v);
@@ -323,9 +445,14 @@ pub fn trigger_logprobs(
     let mut act = vec![];
     let mut seq = vec![];
     for (r, ro) in rolls.iter().enumerate() {
-        for d in &ro.gen.decisions {
-            let at = ro.prompt.len() + d.token_index - 1;
-            sel.push((r * l + at) as u32);
+        for d in &ro.decisions {
+            anyhow::ensure!(
+                d.pos >= 1 && d.pos < ro.tokens.len(),
+                "rollout {r}: trigger decision at {} outside its {} tokens",
+                d.pos,
+                ro.tokens.len()
+            );
+            sel.push((r * l + d.pos - 1) as u32);
             act.push(d.insert as u32);
             seq.push(r);
         }
@@ -354,24 +481,61 @@ pub fn trigger_logprobs(
     Ok((lp, seq))
 }
 
-/// Policy tokens of a rollout: its completion tokens (weaver) or its decisions (trigger).
-fn policy_len(target: Target, r: &Rollout) -> usize {
-    match target {
-        Target::Weaver => r.gen.tokens.len(),
-        Target::Trigger => r.gen.decisions.len(),
-    }
+/// The policy GRPO trains: the weaver (policy tokens: the generated tokens) or the trigger
+/// (policy tokens: its decisions), with the loss settings.
+pub struct Policy<'a> {
+    pub model: &'a MemGenModel,
+    pub target: Target,
+    /// The rollouts' sampling temperature (the trigger's decisions were sampled at it).
+    pub temperature: f64,
+    pub spec: &'a LossSpec,
 }
 
-fn policy_logprobs(
-    model: &MemGenModel,
-    target: Target,
-    rolls: &[Rollout],
-    temperature: f64,
-    mode: &mut Mode,
-) -> anyhow::Result<(Tensor, Vec<usize>)> {
-    match target {
-        Target::Weaver => weaver_logprobs(model, rolls, mode),
-        Target::Trigger => trigger_logprobs(model, rolls, temperature, mode),
+impl Policy<'_> {
+    /// Policy tokens of a rollout.
+    pub fn len(&self, r: &Rollout) -> usize {
+        match self.target {
+            Target::Weaver => r.generated_tokens(),
+            Target::Trigger => r.decisions.len(),
+        }
+    }
+
+    /// Log-probs of the rollouts' policy tokens under the current weights, with the rollout of each.
+    pub fn logprobs(
+        &self,
+        rolls: &[Rollout],
+        mode: &mut Mode,
+    ) -> anyhow::Result<(Tensor, Vec<usize>)> {
+        match self.target {
+            Target::Weaver => weaver_logprobs(self.model, rolls, mode),
+            Target::Trigger => trigger_logprobs(self.model, rolls, self.temperature, mode),
+        }
+    }
+
+    /// One rollout's share of the loss: its per-token losses (advantage `adv` on each policy
+    /// token) summed and scaled by `weight`. `old`: the log-probs fixed before the first update
+    /// (None: the new ones detached, ratio 1, as TRL does with one update per rollout);
+    /// `reference`: the reference policy's, for the KL term. None when it has no policy tokens.
+    pub fn loss(
+        &self,
+        r: &Rollout,
+        adv: f64,
+        weight: f64,
+        old: Option<&Tensor>,
+        reference: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> anyhow::Result<Option<Tensor>> {
+        let n = self.len(r);
+        if n == 0 {
+            return Ok(None);
+        }
+        let (new, _) = self.logprobs(std::slice::from_ref(r), mode)?;
+        let old = match old {
+            Some(o) => o.clone(),
+            None => new.detach(),
+        };
+        let per = per_token_loss(&new, &old, reference, &vec![adv; n], self.spec)?;
+        Ok(Some((per.sum_all()? * weight)?))
     }
 }
 
@@ -395,10 +559,11 @@ fn with_values<T>(
     r
 }
 
-/// Mean task reward and inference insertions of greedy completions (validation).
+/// Mean task reward and inference insertions of greedy rollouts (validation).
 pub fn eval_reward(
     model: &MemGenModel,
     task: &dyn Task,
+    env: Option<&SearchEnv>,
     samples: &[Sample],
     batch: usize,
     max_new: usize,
@@ -412,7 +577,7 @@ pub fn eval_reward(
             max_new_tokens: max_new,
             ..Default::default()
         };
-        let rs = rollouts(model, task, &refs, 1, sampling, max_prompt, 0.0)?;
+        let rs = rollouts(model, task, env, &refs, 1, sampling, max_prompt, 0.0)?;
         sum += rs.iter().map(|r| r.task_reward).sum::<f64>();
         ins += rs.iter().map(|r| r.inference_insertions()).sum::<usize>();
     }
@@ -422,20 +587,33 @@ pub fn eval_reward(
 
 // ---------------------------------------------------------------- the loop
 
+/// GRPO-train the weaver or the trigger on `train`. Multi-turn tasks roll out episodes against
+/// `env`, the search environment (unused for single-turn tasks).
 pub fn train_grpo(
     model: &MemGenModel,
     run: &GrpoRun,
     task: &dyn Task,
+    env: Option<&SearchEnv>,
     train: &[Sample],
     valid: &[Sample],
 ) -> anyhow::Result<GrpoOutcome> {
     let cfg = &run.cfg;
     let out = &run.out;
     let target = run.target;
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     if target == Target::Trigger && model.trigger.is_none() {
         anyhow::bail!("trigger GRPO needs a model with a trigger");
     }
+    if target == Target::Trigger && model.spec.insertion.max_inference_aug_num == 0 {
+        // The trigger only decides at inference boundaries: there would be nothing to train.
+        anyhow::bail!("trigger GRPO needs max_inference_aug_num > 0 (the trigger decides only where inference memories may go)");
+    }
+    if task.multi_turn() && env.is_none() {
+        anyhow::bail!(
+            "task `{}` is multi-turn: GRPO needs a search environment for its rollouts",
+            task.name()
+        );
+    }
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     let g = cfg.num_generations;
     let prompts_per_micro = cfg.per_device_train_batch_size / g;
     anyhow::ensure!(
@@ -514,6 +692,12 @@ pub fn train_grpo(
         beta: cfg.beta,
         max_completion_length: cfg.max_completion_length,
     };
+    let policy = Policy {
+        model,
+        target,
+        temperature: cfg.temperature,
+        spec: &spec,
+    };
     let weight = cfg
         .reward_weights
         .as_ref()
@@ -549,6 +733,7 @@ pub fn train_grpo(
             let mut rs = rollouts(
                 model,
                 task,
+                env,
                 &samples,
                 g,
                 sampling,
@@ -558,7 +743,7 @@ pub fn train_grpo(
             for r in &mut rs {
                 r.reward *= weight;
             }
-            gen_tokens += rs.iter().map(|r| r.gen.tokens.len()).sum::<usize>();
+            gen_tokens += rs.iter().map(|r| r.sampled_tokens).sum::<usize>();
             let rewards: Vec<f64> = rs.iter().map(|r| r.reward).collect();
             let adv = advantages(&rewards, g, cfg.scale_rewards);
             // Everything below works one rollout at a time: the loss is a weighted sum over
@@ -566,14 +751,7 @@ pub fn train_grpo(
             // the memory. Old log-probs: with one update per rollout they equal the new ones
             // (ratio 1), as TRL does; with more, they are fixed before the first update.
             let one = |r: &Rollout, mode: &mut Mode| -> anyhow::Result<Tensor> {
-                Ok(policy_logprobs(
-                    model,
-                    target,
-                    std::slice::from_ref(r),
-                    cfg.temperature,
-                    mode,
-                )?
-                .0)
+                Ok(policy.logprobs(std::slice::from_ref(r), mode)?.0)
             };
             let old: Option<Vec<Tensor>> = if iters > 1 {
                 Some(
@@ -601,26 +779,20 @@ pub fn train_grpo(
             let mut any = false;
             for (j, (rs, adv, old, refl)) in batches.iter().enumerate() {
                 let mut rng = step_rng(run.seed, ((s * iters + it) * plan.accum + j) as u64, 0x6A0);
-                let lens: Vec<usize> = rs.iter().map(|r| policy_len(target, r)).collect();
+                let lens: Vec<usize> = rs.iter().map(|r| policy.len(r)).collect();
                 let w = seq_weights(&lens, &spec);
                 for (r, ro) in rs.iter().enumerate() {
-                    if lens[r] == 0 {
-                        continue; // no policy tokens (e.g. no trigger decisions)
-                    }
-                    let (new, _) = policy_logprobs(
-                        model,
-                        target,
-                        std::slice::from_ref(ro),
-                        cfg.temperature,
+                    let Some(loss) = policy.loss(
+                        ro,
+                        adv[r],
+                        w[r] / batches.len() as f64,
+                        old.as_ref().map(|o| &o[r]),
+                        refl.as_ref().map(|v| &v[r]),
                         &mut Mode::Train(&mut rng),
-                    )?;
-                    let old = match old {
-                        Some(o) => o[r].clone(),
-                        None => new.detach(),
+                    )?
+                    else {
+                        continue; // no policy tokens (e.g. no trigger decisions)
                     };
-                    let a = vec![adv[r]; lens[r]];
-                    let per = per_token_loss(&new, &old, refl.as_ref().map(|v| &v[r]), &a, &spec)?;
-                    let loss = (per.sum_all()? * (w[r] / batches.len() as f64))?;
                     let l = loss.to_scalar::<f32>()? as f64;
                     if !l.is_finite() {
                         pb.abandon();
@@ -658,7 +830,7 @@ pub fn train_grpo(
         let rstd = (all.iter().map(|r| (r.reward - rmean).powi(2)).sum::<f64>() / n).sqrt();
         let task_mean = all.iter().map(|r| r.task_reward).sum::<f64>() / n;
         let ins = all.iter().map(|r| r.inference_insertions()).sum::<usize>() as f64 / n;
-        let len = all.iter().map(|r| r.gen.tokens.len()).sum::<usize>() as f64 / n;
+        let len = all.iter().map(|r| r.generated_tokens()).sum::<usize>() as f64 / n;
         first_reward.get_or_insert(rmean);
         last_reward = rmean;
         if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
@@ -695,6 +867,7 @@ pub fn train_grpo(
             let (vr, vins) = eval_reward(
                 model,
                 task,
+                env,
                 valid,
                 cfg.per_device_eval_batch_size,
                 cfg.max_completion_length,
