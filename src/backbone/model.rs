@@ -168,6 +168,68 @@ impl KvCache {
     }
 }
 
+/// Where the real (unmasked) rows of a B × L input sit, for running the row-wise parts of a block
+/// on those rows alone.
+struct Packing {
+    b: usize,
+    l: usize,
+    /// Flat indices (b·L + i) of the real rows, in order.
+    real: Tensor,
+    /// For each of the B·L slots, its row in `[packed; zero row]` (N for a masked slot).
+    spread: Tensor,
+    n: usize,
+}
+
+impl Packing {
+    /// None when every row is real (nothing to gain) or none is.
+    fn new(mask: &[Vec<u8>], device: &Device) -> candle_core::Result<Option<Packing>> {
+        let (b, l) = (mask.len(), mask.first().map_or(0, |m| m.len()));
+        let mut real = Vec::with_capacity(b * l);
+        let mut spread = Vec::with_capacity(b * l);
+        for (i, &m) in mask.iter().flatten().enumerate() {
+            if m != 0 {
+                spread.push(real.len() as u32);
+                real.push(i as u32);
+            } else {
+                spread.push(u32::MAX);
+            }
+        }
+        let n = real.len();
+        if n == b * l || n == 0 {
+            return Ok(None);
+        }
+        for s in &mut spread {
+            if *s == u32::MAX {
+                *s = n as u32;
+            }
+        }
+        Ok(Some(Packing {
+            b,
+            l,
+            real: Tensor::from_vec(real, n, device)?,
+            spread: Tensor::from_vec(spread, b * l, device)?,
+            n,
+        }))
+    }
+
+    /// (B × L × w) → (1 × N × w): the real rows.
+    fn pack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = x.dim(2)?;
+        x.reshape((self.b * self.l, w))?
+            .index_select(&self.real, 0)?
+            .reshape((1, self.n, w))
+    }
+
+    /// (1 × N × w) → (B × L × w), zeros in the masked slots.
+    fn unpack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = x.dim(2)?;
+        let zero = Tensor::zeros((1, w), x.dtype(), x.device())?;
+        Tensor::cat(&[&x.reshape((self.n, w))?, &zero], 0)?
+            .index_select(&self.spread, 0)?
+            .reshape((self.b, self.l, w))
+    }
+}
+
 /// Additive attention bias (B × 1 × 1 × L × T) for L new queries after `past` cached positions:
 /// causal by sequence index, and masked wherever the key is padding.
 fn attention_bias(
@@ -292,11 +354,33 @@ impl Backbone {
         let mut h = x.clone();
         if !mode.grad() && ops::fused_infer_ok(x.dtype(), x.device()) {
             // Fused f32 CPU kernels: the mask is applied inside the attention kernel, and the
-            // rope tables are used as (B × L × hd/2) rows.
+            // rope tables are used as (B × L × hd/2) rows. Masked inputs (padding, finished rows,
+            // the latent slots of rows that insert no memory) are packed away: only real rows go
+            // through the projections and the MLP; they are spread out again around attention.
             let half = c.head_dim / 2;
+            let packing = Packing::new(mask, x.device())?;
             let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
+            let (cos, sin) = match &packing {
+                Some(p) => (p.pack(&cos)?, p.pack(&sin)?),
+                None => (cos, sin),
+            };
+            if let Some(p) = &packing {
+                h = p.pack(&h)?;
+            }
             for li in 0..c.num_hidden_layers {
-                h = self.block_infer(li, &h, &full_mask, past, &cos, &sin, cache.as_deref_mut())?;
+                h = self.block_infer(
+                    li,
+                    &h,
+                    &full_mask,
+                    past,
+                    &cos,
+                    &sin,
+                    cache.as_deref_mut(),
+                    packing.as_ref(),
+                )?;
+            }
+            if let Some(p) = &packing {
+                h = p.unpack(&h)?;
             }
         } else {
             let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
@@ -363,6 +447,9 @@ impl Backbone {
     /// [`Backbone::block`], with fewer passes over memory and no thread-pool round trips for
     /// small elementwise ops.
     #[allow(clippy::too_many_arguments)]
+    /// One decoder block in `Mode::Infer` with the fused kernels. With `packing`, `x` holds only
+    /// the real rows (1 × N × d) and so does the result.
+    #[allow(clippy::too_many_arguments)]
     fn block_infer(
         &self,
         li: usize,
@@ -372,6 +459,7 @@ impl Backbone {
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut KvCache>,
+        packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
         let c = self.config();
         let w = &self.weights.layers[li];
@@ -399,6 +487,11 @@ impl Backbone {
         };
         // Rows [q heads | k heads | v heads], with rope applied to the q and k heads.
         let rows = ops::rope_rows_infer(&qkv, cos, sin, nh + nkv, hd)?;
+        // Attention works on the full (B × L) layout: the cache keeps every slot.
+        let rows = match packing {
+            Some(p) => p.unpack(&rows)?,
+            None => rows,
+        };
         let k = ops::take_heads_infer(&rows, nh, nkv, hd)?;
         let v = ops::take_heads_infer(&rows, nh + nkv, nkv, hd)?;
         let (k, v) = match cache {
@@ -416,6 +509,10 @@ impl Backbone {
                 mask: full_mask,
             },
         )?;
+        let attn = match packing {
+            Some(p) => p.pack(&attn)?,
+            None => attn,
+        };
         let o = self.proj_infer(li, Target::O, &attn, &w.o_proj, None)?;
         let x = ops::add_infer(x, &o)?;
 

@@ -79,48 +79,10 @@ impl Weaver {
 
     /// Weave one memory per row. `ctx` is the part of the reasoner's stream the cache has not seen
     /// yet (it stays in the cache); `kinds[b]` picks row b's query latents (None: the row's result is
-    /// not wanted, its queries are masked). Query latents sit at positions `query_start[b]..+K`.
+    /// not wanted, its queries are masked, and masked rows cost no compute in the inference
+    /// path). Query latents sit at positions `query_start[b]..+K`.
     /// Returns (B × K_max × d_r); a row with K < K_max has its latents in the last K slots.
     pub fn weave(
-        &self,
-        cache: &mut KvCache,
-        ctx: Option<Context>,
-        kinds: &[Option<Kind>],
-        query_start: &[u32],
-        mode: &mut Mode,
-    ) -> anyhow::Result<Tensor> {
-        let rows: Vec<usize> = (0..kinds.len()).filter(|&r| kinds[r].is_some()).collect();
-        if rows.is_empty() || rows.len() == kinds.len() {
-            return self.weave_rows(cache, ctx, kinds, query_start, mode);
-        }
-        // Only some rows want a memory: read the new context for every row, then run the queries
-        // for those rows alone, on a copy of their part of the cache (the others would only pay
-        // for K masked positions each).
-        let b = kinds.len();
-        if ctx.is_some() {
-            self.weave_rows(cache, ctx, &vec![None; b], query_start, mode)?;
-        }
-        let mut sub = cache.clone();
-        sub.select_rows(&rows)?;
-        let sub_kinds: Vec<Option<Kind>> = rows.iter().map(|&r| kinds[r]).collect();
-        let sub_start: Vec<u32> = rows.iter().map(|&r| query_start[r]).collect();
-        let out = self.weave_rows(&mut sub, None, &sub_kinds, &sub_start, mode)?;
-        let (_, k_max, d_r) = out.dims3()?;
-        let zeros = Tensor::zeros((k_max, d_r), out.dtype(), out.device())?;
-        let mut per_row = Vec::with_capacity(b);
-        let mut j = 0;
-        for kind in kinds {
-            if kind.is_some() {
-                per_row.push(out.get(j)?);
-                j += 1;
-            } else {
-                per_row.push(zeros.clone());
-            }
-        }
-        Ok(Tensor::stack(&per_row, 0)?)
-    }
-
-    fn weave_rows(
         &self,
         cache: &mut KvCache,
         ctx: Option<Context>,
