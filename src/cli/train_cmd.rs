@@ -79,6 +79,9 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let device = crate::backbone::parse_device(&cfg.model.device)?;
     let spec = cfg.memgen_spec(which == Which::Trigger);
     let model = MemGenModel::build(&spec, &device)?;
+    if let Some(t) = model.trigger.as_ref().filter(|_| which == Which::Trigger) {
+        t.zero_head()?;
+    }
     if let Some(p) = &cfg.model.load_model_path {
         let (file, _) = resolve_checkpoint(p)?;
         let missing = model.load_weights(&file, &[Part::Weaver])?;

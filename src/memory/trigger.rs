@@ -23,6 +23,17 @@ impl Trigger {
         Ok(Trigger { backbone, head })
     }
 
+    /// Zero the head: both actions equally likely everywhere. GRPO learns only from decisions
+    /// that vary within a group; a randomly initialised head on hidden states of norm ~10s is
+    /// nearly deterministic (measured on SmolLM2: the sampled policy inserted at every boundary,
+    /// so the insertion penalty never separated rollouts). Starting at maximum entropy explores.
+    pub fn zero_head(&self) -> candle_core::Result<()> {
+        for v in self.head.vars() {
+            v.set(&v.as_tensor().zeros_like()?)?;
+        }
+        Ok(())
+    }
+
     pub fn vars(&self) -> Vec<Var> {
         let mut v = self.backbone.lora.vars();
         v.extend(self.head.vars());

@@ -2,7 +2,7 @@
 //! step-by-step solutions ending in `\boxed{N}`. Same prompt and grader as gsm8k.
 //!
 //! A problem starts someone with a number of items (a plain count, or bags of equal size), then
-//! applies 2–3 operations (find or buy a few more, give a few away, double). The solution has one
+//! applies 2 operations (find or buy a few more, give a few away, double). The solution has one
 //! line per step: the question's sentence again, then its equation. The numbers are deliberately small: SmolLM2-135M
 //! gets single equations of this size right almost always (times table ≤ 5, adding a digit to a
 //! number below ~40, subtracting ≤ 4 from ≤ 12, doubling ≤ 12) but is unreliable on larger ones,
@@ -58,7 +58,7 @@ pub fn generate(rng: &mut SplitMix64) -> Problem {
     let items = ITEMS[rng.below(ITEMS.len() as u64) as usize];
     let (he, his) = if male { ("he", "his") } else { ("she", "her") };
     let he_cap = capitalize(he);
-    let steps = rng.range(2, 3);
+    let steps = 2;
     // Each step is a question sentence and, for all but a plain start, its equation. The solution
     // repeats the sentence and appends the equation, one step per line: a format a small model
     // can imitate by copying from the question.
@@ -226,8 +226,8 @@ mod tests {
     use super::*;
     use crate::tasks::gsm8k::grade_boxed;
 
-    /// No value in a problem exceeds this (3 × the largest add on top of the largest start).
-    const MAX_VALUE: u64 = 60;
+    /// No value in a problem exceeds this (two of the largest adds on top of the largest start).
+    const MAX_VALUE: u64 = 43;
 
     /// Re-check every equation in a solution.
     fn check_equations(sol: &str) {
