@@ -3,7 +3,7 @@
 //! trigger (accuracy and memories per answer). Used by scripts/bench-learning.sh.
 //!
 //!   cargo bench --bench learning -- --config configs/quickstart.yaml --weaver runs/q/weaver \
-//!       [--trigger runs/q-trigger/trigger] [--rows 50]
+//!       [--trigger runs/q-trigger/trigger] [--rows 50] [--no-vanilla]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +23,7 @@ struct Args {
     trigger: Option<PathBuf>,
     rows: usize,
     max_new: usize,
+    vanilla: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -32,6 +33,7 @@ fn args() -> anyhow::Result<Args> {
         trigger: None,
         rows: 50,
         max_new: 200,
+        vanilla: true,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -47,6 +49,11 @@ fn args() -> anyhow::Result<Args> {
             "--trigger" => a.trigger = Some(next()?.into()),
             "--rows" => a.rows = next()?.parse()?,
             "--max-new-tokens" => a.max_new = next()?.parse()?,
+            "--no-vanilla" => {
+                a.vanilla = false;
+                i += 1;
+                continue;
+            }
             "--bench" => {
                 i += 1;
                 continue;
@@ -131,15 +138,17 @@ fn main() -> anyhow::Result<()> {
     let mut rows = task.load(Split::Test)?;
     rows.truncate(a.rows);
     println!("held-out rows: {}", rows.len());
-    let t = Instant::now();
-    let spec = cfg.memgen_spec(false);
-    let base = MemGenModel::build(&spec, &candle_core::Device::Cpu)?;
-    let (va, _) = accuracy(&base, task.as_ref(), &rows, false, a.max_new)?;
-    let vn = nll(&base, &rows, false)?;
-    println!(
-        "vanilla:        accuracy {va:.3}  answer NLL {vn:.4}  ({:.0} s)",
-        t.elapsed().as_secs_f64()
-    );
+    if a.vanilla {
+        let t = Instant::now();
+        let spec = cfg.memgen_spec(false);
+        let base = MemGenModel::build(&spec, &candle_core::Device::Cpu)?;
+        let (va, _) = accuracy(&base, task.as_ref(), &rows, false, a.max_new)?;
+        let vn = nll(&base, &rows, false)?;
+        println!(
+            "vanilla:        accuracy {va:.3}  answer NLL {vn:.4}  ({:.0} s)",
+            t.elapsed().as_secs_f64()
+        );
+    }
     if let Some(w) = &a.weaver {
         let t = Instant::now();
         let ws = MemGenSpec::read(&w.join("memgen.json"))?;

@@ -409,7 +409,11 @@ impl Backbone {
         bias: Option<&Tensor>,
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
-        let y = ops::frozen_linear(x, w, bias)?;
+        let y = if mode.grad() {
+            ops::frozen_linear(x, w, bias)?
+        } else {
+            ops::frozen_linear_infer(x, w, bias)?
+        };
         let Some(lora) = self.lora.get(li, t) else {
             return Ok(y);
         };
@@ -472,7 +476,7 @@ impl Backbone {
             self.lora_on(li, &[Target::Q, Target::K, Target::V]),
         ) {
             (Some(wqkv), false) => {
-                let y = ops::frozen_linear(&h, wqkv, None)?;
+                let y = ops::frozen_linear_infer(&h, wqkv, None)?;
                 match &w.qkv_bias {
                     Some(b) => ops::add_infer(&y, b)?,
                     None => y,
@@ -521,7 +525,7 @@ impl Backbone {
             &w.gate_up_proj,
             self.lora_on(li, &[Target::Gate, Target::Up]),
         ) {
-            (Some(wgu), false) => ops::frozen_linear(&h, wgu, None)?,
+            (Some(wgu), false) => ops::frozen_linear_infer(&h, wgu, None)?,
             _ => {
                 let gate = self.proj_infer(li, Target::Gate, &h, &w.gate_proj, None)?;
                 let up = self.proj_infer(li, Target::Up, &h, &w.up_proj, None)?;

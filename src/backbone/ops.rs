@@ -12,13 +12,19 @@ use candle_core::{
 };
 
 /// Up to this many input rows, [`frozen_linear`] on f32 CPU tensors uses [`kernels::linear_small`]
-/// instead of gemm. Generation with memory runs many forwards of 16–48 rows (a few new tokens per
-/// row plus K latents or queries); there the weight-streaming kernel beats gemm (bench-memory:
-/// a weaver call went from ~140 ms to ~100 ms at batch 4).
-const SMALL_ROWS: usize = 48;
+/// instead of gemm.
+const SMALL_ROWS: usize = 16;
+
+/// The same for [`frozen_linear_infer`]. Generation with memory runs many forwards of 16–48 rows
+/// (a few new tokens per row plus K latents or queries); there the weight-streaming kernel beats
+/// gemm (bench-memory, batch 4: a weaver call ~140 ms → ~100 ms). Training keeps the threshold
+/// it was tuned with.
+const SMALL_ROWS_INFER: usize = 48;
 
 /// `x @ w^T` for a frozen weight `w` (out × in): x is (n × in), the result (n × out).
-struct FrozenMatmul;
+struct FrozenMatmul {
+    small_rows: usize,
+}
 
 impl FrozenMatmul {
     fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, Layout)> {
@@ -47,7 +53,7 @@ impl CustomOp2 for FrozenMatmul {
         // A few rows against a row-major weight (decoding): stream each weight row once and take
         // dot products with every input row; gemm's packing costs more than the work here.
         if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
-            if n <= SMALL_ROWS && l1.is_contiguous() && l2.is_contiguous() {
+            if n <= self.small_rows && l1.is_contiguous() && l2.is_contiguous() {
                 let x = &x[l1.start_offset()..l1.start_offset() + n * k];
                 let w = &w[l2.start_offset()..l2.start_offset() + out * k];
                 let y = kernels::linear_small(x, n, k, w, out);
@@ -167,11 +173,25 @@ pub fn const_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 
 /// `x @ w^T (+ b)` over the last dimension of `x` (any leading shape), with `w` frozen.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    frozen_linear_with(x, w, b, SMALL_ROWS)
+}
+
+/// [`frozen_linear`] tuned for `Mode::Infer` (no graph is kept either way).
+pub fn frozen_linear_infer(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    frozen_linear_with(x, w, b, SMALL_ROWS_INFER)
+}
+
+fn frozen_linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    small_rows: usize,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().expect("frozen_linear on a scalar");
     let n = x.elem_count() / k.max(1);
     let x2 = x.contiguous()?.reshape((n, k))?;
-    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let y = x2.apply_op2(w, FrozenMatmul { small_rows })?;
     let y = match b {
         Some(b) => const_add(&y, b)?,
         None => y,
