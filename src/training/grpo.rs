@@ -23,8 +23,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    due, find_resume, interrupted, load_checkpoint, progress, save_checkpoint, say, step_rng, Plan,
-    TrainerState, BEST, LAST,
+    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
+    step_rng, Plan, TrainerState, BEST, LAST,
 };
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::backbone::model::positions_tensor;
@@ -893,27 +893,24 @@ pub fn train_grpo(
         }
 
         // ---- checkpoints ----
-        let stop_now = interrupted() || run.stop_after == Some(state.step);
-        if due(&cfg.save_strategy, cfg.save_steps, &plan, s) || last || stop_now {
-            let mut st = state.clone();
-            st.elapsed = elapsed(&state);
-            save_checkpoint(out, model, &opt, &st)?;
-            metrics.plot()?;
-        }
-        if stop_now && !last {
+        if checkpoint_after_step(
+            out,
+            model,
+            &opt,
+            &state,
+            elapsed(&state),
+            &metrics,
+            due(&cfg.save_strategy, cfg.save_steps, &plan, s),
+            last,
+            run.stop_after,
+        )? {
             stopped = true;
             break;
         }
     }
     pb.finish_and_clear();
     if stopped {
-        if interrupted() {
-            anyhow::bail!(
-                "interrupted at step {}: resume with --resume {}",
-                state.step,
-                out.join(LAST).display()
-            );
-        }
+        fail_if_interrupted(state.step, out)?;
         return Ok(GrpoOutcome {
             steps: state.step,
             first_reward: first_reward.unwrap_or(f64::NAN),

@@ -182,6 +182,42 @@ pub fn save_checkpoint(
     Ok(last)
 }
 
+/// End of a step: save a resumable checkpoint when one is `due` (always on the `last` step and when
+/// stopping) and redraw the curves with it. Returns whether the run stops here, before its last
+/// step (Ctrl-C, or `stop_after`).
+#[allow(clippy::too_many_arguments)]
+pub fn checkpoint_after_step(
+    out: &Path,
+    model: &MemGenModel,
+    opt: &AdamW,
+    state: &TrainerState,
+    elapsed: f64,
+    metrics: &metrics::Metrics,
+    due: bool,
+    last: bool,
+    stop_after: Option<usize>,
+) -> anyhow::Result<bool> {
+    let stop_now = interrupted() || stop_after == Some(state.step);
+    if due || last || stop_now {
+        let mut st = state.clone();
+        st.elapsed = elapsed;
+        save_checkpoint(out, model, opt, &st)?;
+        metrics.plot()?;
+    }
+    Ok(stop_now && !last)
+}
+
+/// A run that stopped early: an error telling how to resume when Ctrl-C stopped it.
+pub fn fail_if_interrupted(step: usize, out: &Path) -> anyhow::Result<()> {
+    if interrupted() {
+        anyhow::bail!(
+            "interrupted at step {step}: resume with --resume {}",
+            out.join(LAST).display()
+        );
+    }
+    Ok(())
+}
+
 /// The checkpoint to resume from: `explicit`, else `<out>/checkpoint-last/` when it exists (or the
 /// previous one if a swap was interrupted).
 pub fn find_resume(out: &Path, explicit: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {

@@ -13,8 +13,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    due, find_resume, interrupted, load_checkpoint, progress, save_checkpoint, say, step_rng, Plan,
-    TrainerState, BEST,
+    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
+    step_rng, Plan, TrainerState, BEST,
 };
 use crate::backbone::Mode;
 use crate::config::SftConfig;
@@ -290,28 +290,24 @@ pub fn train_sft(
         }
 
         // ---- checkpoints ----
-        let stop_now = interrupted() || run.stop_after == Some(state.step);
-        if due(&cfg.save_strategy, cfg.save_steps, &plan, s) || last || stop_now {
-            let mut st = state.clone();
-            st.elapsed = elapsed(&state);
-            save_checkpoint(out, model, &opt, &st)?;
-            metrics.plot()?;
-        }
-        if stop_now && !last {
+        if checkpoint_after_step(
+            out,
+            model,
+            &opt,
+            &state,
+            elapsed(&state),
+            &metrics,
+            due(&cfg.save_strategy, cfg.save_steps, &plan, s),
+            last,
+            run.stop_after,
+        )? {
             stopped = true;
             break;
         }
     }
     pb.finish_and_clear();
     if stopped {
-        let dir = out.join(super::LAST);
-        if interrupted() {
-            anyhow::bail!(
-                "interrupted at step {}: resume with --resume {}",
-                state.step,
-                dir.display()
-            );
-        }
+        fail_if_interrupted(state.step, out)?;
         return Ok(SftOutcome {
             steps: state.step,
             first_loss: first_loss.unwrap_or(f64::NAN),
