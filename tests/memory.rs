@@ -157,6 +157,8 @@ fn generation_equals_the_reference() {
                 prompt_memory: true,
                 max_inference: 3,
                 stop_ids: vec![],
+                decision_temperature: None,
+                min_gap: 0,
             };
             let got = m
                 .generate(&prompts, &opts, &mut greedy(24), |_, _| {})
@@ -192,6 +194,8 @@ fn zero_length_weaver_is_the_plain_reasoner() {
             prompt_memory: true,
             max_inference: 5,
             stop_ids: vec![],
+            decision_temperature: None,
+            min_gap: 0,
         };
         let got = m
             .generate(&prompts, &opts, &mut greedy(16), |_, _| {})
@@ -359,6 +363,8 @@ fn smollm2_with_a_random_weaver_equals_the_reference() {
         prompt_memory: true,
         max_inference: 5,
         stop_ids: vec![],
+        decision_temperature: None,
+        min_gap: 0,
     };
     let got = m
         .generate(&prompts, &opts, &mut greedy(20), |_, _| {})
@@ -429,4 +435,46 @@ fn smollm2_with_a_random_weaver_equals_the_reference() {
         assert!(dl < 1e-4, "{mode}: loss differs by {dl}");
         assert!(worst_lp < 5e-4, "{mode}: {worst_lp}");
     }
+}
+
+#[test]
+fn min_gap_spaces_the_memories_out() {
+    let m = tiny_memgen(Arch::Qwen2, 2, 2, false);
+    let prompts = vec![vec![5, 9, 2, 17], vec![1, 2, 3, 4, 5, 6, 7]];
+    let run = |gap: usize| {
+        let opts = MemoryOptions {
+            prompt_memory: true,
+            max_inference: 5,
+            stop_ids: vec![],
+            decision_temperature: None,
+            min_gap: gap,
+        };
+        m.generate(&prompts, &opts, &mut greedy(40), |_, _| {})
+            .unwrap()
+    };
+    let dense = run(0);
+    let sparse = run(6);
+    let mut spaced = 0;
+    for (d, s) in dense.iter().zip(&sparse) {
+        let at: Vec<usize> = s.insertions.iter().map(|i| i.token_index).collect();
+        for w in at.windows(2) {
+            assert!(w[1] >= w[0] + 6, "memories at {at:?}");
+        }
+        spaced += at.len() - 1;
+        // Identical up to the first memory that only the dense run made.
+        let first = d
+            .insertions
+            .iter()
+            .enumerate()
+            .find(|(i, a)| s.insertions.get(*i) != Some(*a))
+            .map(|(_, a)| a.token_index)
+            .unwrap_or(d.tokens.len());
+        assert_eq!(d.tokens[..first], s.tokens[..first]);
+    }
+    assert!(
+        spaced > 0,
+        "the test must exercise spaced inference memories"
+    );
+    let dense_n: usize = dense.iter().map(|g| g.insertions.len()).sum();
+    assert!(dense_n > 0);
 }

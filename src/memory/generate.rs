@@ -22,6 +22,12 @@ pub struct MemoryOptions {
     pub max_inference: usize,
     /// End a sequence on these ids.
     pub stop_ids: Vec<u32>,
+    /// A boundary fewer than `min_gap` generated tokens after the previous memory (the prompt
+    /// memory sits at token 0) is not a candidate. 0 (the original): every boundary is.
+    pub min_gap: usize,
+    /// Sample the trigger's decisions at this temperature (0: argmax) instead of the token
+    /// sampler's. `None` (the original): decisions follow the token sampler.
+    pub decision_temperature: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +125,32 @@ impl MemGenModel {
         )
     }
 
+    /// Next-token logits (f32) of the rows still generating; finished rows get an empty row. The
+    /// LM head is a large share of a decode step (a quarter of Qwen2.5-0.5B's weights), so rows
+    /// that have stopped skip it.
+    fn live_logits(&self, last: &Tensor, out: &[MemGenerated]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let live: Vec<u32> = (0..out.len() as u32)
+            .filter(|&r| !out[r as usize].stopped)
+            .collect();
+        let last = last.squeeze(1)?;
+        let sel = if live.len() == out.len() {
+            last
+        } else {
+            let n = live.len();
+            last.index_select(&Tensor::from_vec(live.clone(), n, last.device())?, 0)?
+        };
+        let lg = self
+            .reasoner
+            .logits(&sel)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut rows = vec![vec![]; out.len()];
+        for (r, l) in live.into_iter().zip(lg) {
+            rows[r as usize] = l;
+        }
+        Ok(rows)
+    }
+
     /// Generate with memory for a batch of prompts. `on_token(row, token)` sees each new token.
     pub fn generate(
         &self,
@@ -205,12 +237,7 @@ impl MemGenModel {
         let k_i = self.weaver.k(Kind::Inference);
         let max_new = sampler.cfg.max_new_tokens;
         for _ in 0..max_new {
-            let logits = self
-                .reasoner
-                .logits(&last)?
-                .squeeze(1)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let logits = self.live_logits(&last, &out)?;
             let mut step = vec![pad; b];
             let mut live = vec![0u8; b];
             for r in 0..b {
@@ -242,6 +269,8 @@ impl MemGenModel {
                             .filter(|i| i.kind == Kind::Inference)
                             .count()
                             < opts.max_inference
+                        && out[r].tokens.len()
+                            >= out[r].insertions.last().map_or(0, |i| i.token_index) + opts.min_gap
                         && {
                             let mut full = prompts[r].clone();
                             full.extend_from_slice(&out[r].tokens);
@@ -273,17 +302,13 @@ impl MemGenModel {
                             pos: vec![vec![]; b],
                         };
                         for &r in &cand {
-                            let a = sampler.sample(&lg[r]) as usize;
-                            let t = if sampler.cfg.greedy() {
-                                1.0
-                            } else {
-                                sampler.cfg.temperature as f32
+                            let (a, logprob) = match opts.decision_temperature {
+                                Some(t) => decide(&lg[r], t, sampler.rng()),
+                                None => {
+                                    let a = sampler.sample(&lg[r]) as usize;
+                                    (a, action_logprob(&lg[r], sampler.cfg.temperature, a))
+                                }
                             };
-                            let z0 = lg[r][0] / t;
-                            let z1 = lg[r][1] / t;
-                            let m = z0.max(z1);
-                            let lse = m + ((z0 - m).exp() + (z1 - m).exp()).ln();
-                            let logprob = if a == 1 { z1 - lse } else { z0 - lse };
                             insert[r] = a == 1;
                             let token_index = out[r].tokens.len();
                             out[r].decisions.push(Decision {
@@ -380,5 +405,65 @@ impl MemGenModel {
             }
         }
         Ok(out)
+    }
+}
+
+/// Log-probability of action `a` under the trigger's logits at temperature `t` (at 1 when
+/// greedy, `t` ≤ 0).
+fn action_logprob(logits: &[f32], t: f64, a: usize) -> f32 {
+    let tt = if t > 0.0 { t as f32 } else { 1.0 };
+    let (z0, z1) = (logits[0] / tt, logits[1] / tt);
+    let m = z0.max(z1);
+    let lse = m + ((z0 - m).exp() + (z1 - m).exp()).ln();
+    if a == 1 {
+        z1 - lse
+    } else {
+        z0 - lse
+    }
+}
+
+/// The trigger's two-way decision from its logits at temperature `t` (argmax when `t` ≤ 0), with
+/// its log-probability.
+fn decide(logits: &[f32], t: f64, rng: &mut rand::rngs::StdRng) -> (usize, f32) {
+    use rand::Rng;
+    let a = if t > 0.0 {
+        // As `Sampler::sample` draws: the likelier action (action 0 on a tie) wins when u < p.
+        let p1 = action_logprob(logits, t, 1).exp();
+        let u: f32 = rng.random();
+        if p1 > 0.5 {
+            usize::from(u < p1)
+        } else {
+            usize::from(u >= 1.0 - p1)
+        }
+    } else {
+        crate::backbone::generate::argmax(logits) as usize
+    };
+    (a, action_logprob(logits, t, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn decisions_sample_at_their_temperature_or_take_the_argmax() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        // Greedy: the argmax, with its log-probability at temperature 1.
+        let (a, lp) = decide(&[0.3, -0.2], 0.0, &mut rng);
+        assert_eq!(a, 0);
+        assert!((lp - (1.0f32 / (1.0 + (-0.5f32).exp())).ln()).abs() < 1e-6);
+        // Sampled: insert with p = σ((z1 − z0) / t); at t = 2, p(insert) = σ(1) ≈ 0.731.
+        let n = 20_000;
+        let mut ins = 0;
+        for _ in 0..n {
+            let (a, lp) = decide(&[0.0, 2.0], 2.0, &mut rng);
+            let p1 = 1.0 / (1.0 + (-1.0f32).exp());
+            let want = if a == 1 { p1.ln() } else { (1.0 - p1).ln() };
+            assert!((lp - want).abs() < 1e-5);
+            ins += a;
+        }
+        let f = ins as f64 / n as f64;
+        assert!((f - 0.731).abs() < 0.015, "{f}");
     }
 }
