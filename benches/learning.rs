@@ -87,6 +87,8 @@ fn accuracy(
                 0
             },
             stop_ids: m.tokenizer.eos_ids.clone(),
+            decision_temperature: None,
+            min_gap: 0,
         };
         let mut sampler = Sampler::new(SamplingConfig {
             max_new_tokens: max_new,

@@ -5,13 +5,13 @@
 #   3. held-out greedy accuracy and answer NLL: vanilla reasoner vs + weaver (nano trigger) vs
 #      + weaver + trained trigger (with memories per answer), and the wall time of each phase.
 # Budget knobs (defaults sized for ≤ 30 min of SFT on a 2-core CPU):
-#   SFT_STEPS=60 TRIGGER_STEPS=8 ROWS=50 OUT=runs/bench-learning scripts/bench-learning.sh
+#   SFT_STEPS=100 TRIGGER_STEPS=40 ROWS=100 OUT=runs/bench-learning scripts/bench-learning.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-SFT_STEPS=${SFT_STEPS:-60}
-TRIGGER_STEPS=${TRIGGER_STEPS:-8}
-ROWS=${ROWS:-50}
+SFT_STEPS=${SFT_STEPS:-100}
+TRIGGER_STEPS=${TRIGGER_STEPS:-40}
+ROWS=${ROWS:-100}
 SEED=${SEED:-42}
 OUT=${OUT:-runs/bench-learning}
 CONFIG=configs/quickstart.yaml

@@ -270,6 +270,12 @@ pub struct GrpoConfig {
     /// Trigger only: reward − λ · insertions / cap (0 = the original's reward).
     #[serde(default)]
     pub insertion_penalty: f64,
+    /// Trigger only: sample the reasoner's tokens at this temperature (0: greedy) while the
+    /// trigger's decisions keep `temperature`. Unset (the original): both at `temperature`.
+    /// Greedy answers leave the trigger's decisions as the only difference within a group,
+    /// so the advantages credit them alone.
+    #[serde(default)]
+    pub reasoner_temperature: Option<f64>,
     #[serde(default = "adamw")]
     pub optim: String,
     #[serde(default = "cosine")]
@@ -358,6 +364,8 @@ pub struct GenerationConfig {
     pub max_prompt_length: Option<usize>,
     #[serde(default)]
     pub weaver_do_sample: bool,
+    /// Sample the trigger's decisions (at temperature 1 when `temperature` is 0) instead of
+    /// taking its argmax.
     #[serde(default)]
     pub trigger_do_sample: bool,
 }
@@ -604,11 +612,20 @@ impl RunConfig {
                     g.num_generations
                 );
             }
+            if g.reasoner_temperature
+                .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+            {
+                anyhow::bail!("{name}.reasoner_temperature must be a finite number ≥ 0");
+            }
             if g.num_iterations == 0 || g.gradient_accumulation_steps == 0 {
                 anyhow::bail!(
                     "{name}: num_iterations and gradient_accumulation_steps must be at least 1"
                 );
             }
+        }
+        if r.weaver.grpo.reasoner_temperature.is_some() {
+            // The weaver's policy is the reasoner's token distribution: it must be sampled.
+            anyhow::bail!("run.weaver.grpo.reasoner_temperature applies to trigger GRPO only (weaver GRPO samples at temperature)");
         }
         let s = &r.weaver.sft;
         if s.per_device_train_batch_size == 0 || s.gradient_accumulation_steps == 0 {

@@ -88,6 +88,10 @@ fn mistakes_are_errors_naming_the_key() {
     assert!(e.contains("loss_type"), "{e}");
     let e = err(&[("run.weaver.grpo.per_device_train_batch_size", "6")]);
     assert!(e.contains("multiple of num_generations"), "{e}");
+    let e = err(&[("run.weaver.grpo.reasoner_temperature", "0")]);
+    assert!(e.contains("trigger GRPO only"), "{e}");
+    let e = err(&[("run.trigger.grpo.reasoner_temperature", "-1")]);
+    assert!(e.contains("reasoner_temperature"), "{e}");
     let e = err(&[("datasets.gsm8k.colour", "red")]);
     assert!(e.contains("colour"), "{e}");
     assert!(RunConfig::from_yaml("model: [1, 2", "bad.yaml", &[])

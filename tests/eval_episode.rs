@@ -69,6 +69,7 @@ fn single_turn_rollout_replays_under_teacher_forcing() {
         max_prompt_aug_num: 1,
         max_inference_aug_num: 2,
         seed: 1,
+        decision_temperature: None,
     };
     let eps = run_episodes(&m, &samples, None, &opts, &mut greedy(12)).unwrap();
     assert_eq!(eps.len(), 2);
@@ -153,6 +154,7 @@ fn multi_turn_records_the_conversation() {
         max_prompt_aug_num: 8,
         max_inference_aug_num: 0,
         seed: 1,
+        decision_temperature: None,
     };
     let e = run_episodes(&m, &samples, Some(&env), &opts, &mut greedy(10))
         .unwrap()

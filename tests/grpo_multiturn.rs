@@ -230,7 +230,7 @@ fn multi_turn_rollouts(setup: &Setup, m: &MemGenModel, seed: u64) -> Vec<Rollout
         4,
         sampling(seed),
         1024,
-        0.0,
+        grpo::TriggerRollout::default(),
     )
     .unwrap()
 }

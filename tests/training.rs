@@ -431,3 +431,64 @@ fn trigger_train_without_weaver_is_a_one_line_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("lr_scheduler_type"), "{err}");
 }
+
+#[test]
+fn trigger_rollouts_with_a_greedy_reasoner_differ_only_where_decisions_do() {
+    let m = tiny_memgen(true);
+    m.trigger.as_ref().unwrap().zero_head().unwrap();
+    let data = Toy.load(Split::Train).unwrap();
+    let refs: Vec<&Sample> = data[..1].iter().collect();
+    let sampling = memgen::backbone::generate::SamplingConfig {
+        temperature: 0.0,
+        max_new_tokens: 12,
+        seed: 3,
+        ..Default::default()
+    };
+    let trig = grpo::TriggerRollout {
+        insertion_penalty: 0.0,
+        decision_temperature: Some(1.0),
+    };
+    let rs = grpo::rollouts(&m, &Toy, None, &refs, 8, sampling, 1024, trig).unwrap();
+    let decisions: Vec<Vec<(usize, bool)>> = rs
+        .iter()
+        .map(|r| r.decisions.iter().map(|d| (d.pos, d.insert)).collect())
+        .collect();
+    assert!(
+        decisions.iter().any(|d| !d.is_empty()),
+        "no boundary visited"
+    );
+    // A zero head: both actions at probability 1/2, so the decisions were sampled, not argmax.
+    for d in rs.iter().flat_map(|r| &r.decisions) {
+        assert!((d.logprob - 0.5f32.ln()).abs() < 1e-5, "{}", d.logprob);
+    }
+    assert!(
+        decisions.iter().any(|d| d != &decisions[0]),
+        "8 rollouts made identical sampled decisions: {decisions:?}"
+    );
+    // Greedy tokens: two rollouts agree up to the first decision where they differ.
+    for a in &rs {
+        for b in &rs {
+            let split = a
+                .decisions
+                .iter()
+                .zip(&b.decisions)
+                .find(|(x, y)| x.insert != y.insert)
+                .map(|(x, _)| x.pos)
+                .unwrap_or(usize::MAX);
+            let n = a.tokens.len().min(b.tokens.len()).min(split);
+            assert_eq!(a.tokens[..n], b.tokens[..n]);
+            if split == usize::MAX {
+                assert_eq!(a.tokens, b.tokens, "same decisions, different answers");
+            }
+        }
+    }
+    // The recorded log-probs are the ones GRPO scores.
+    let (lp, _) = grpo::trigger_logprobs(&m, &rs, 1.0, &mut memgen::backbone::Mode::Infer).unwrap();
+    let recorded: Vec<f32> = rs
+        .iter()
+        .flat_map(|r| r.decisions.iter().map(|d| d.logprob))
+        .collect();
+    for (x, y) in lp.to_vec1::<f32>().unwrap().iter().zip(&recorded) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+}

@@ -266,6 +266,8 @@ fn generate_with_memory(a: &GenerateArgs, mg: &MemGenModel) -> anyhow::Result<()
         prompt_memory: mg.spec.insertion.max_prompt_aug_num > 0,
         max_inference: mg.spec.insertion.max_inference_aug_num,
         stop_ids: stop.clone(),
+        decision_temperature: None,
+        min_gap: 0,
     };
     let mut stream = Stream::new(tok.clone(), &stop, !a.json);
     let out = mg.generate(

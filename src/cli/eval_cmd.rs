@@ -169,6 +169,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     info.insert("top_k".into(), serde_json::json!(gen.top_k));
     info.insert("max_turns".into(), serde_json::json!(gen.max_turns));
     info.insert(
+        "trigger_do_sample".into(),
+        serde_json::json!(gen.trigger_do_sample),
+    );
+    info.insert(
         "insertion".into(),
         serde_json::to_value(&model.spec.insertion)?,
     );
@@ -188,7 +192,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             max_new_tokens: gen.max_new_tokens,
             seed: cfg.run.seed,
         },
-        episode: EpisodeOptions::from_model(&model, gen.max_turns, cfg.run.seed),
+        episode: EpisodeOptions {
+            // Greedy tokens with a sampling trigger: its decisions at temperature 1.
+            decision_temperature: (gen.trigger_do_sample && gen.temperature <= 0.0).then_some(1.0),
+            ..EpisodeOptions::from_model(&model, gen.max_turns, cfg.run.seed)
+        },
         dir: dir.clone(),
         info,
     };

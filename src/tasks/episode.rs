@@ -33,6 +33,9 @@ pub struct EpisodeOptions {
     pub max_inference_aug_num: usize,
     /// Seed of the choice of memory turns.
     pub seed: u64,
+    /// The trigger's decisions at this temperature instead of the token sampler's (see
+    /// [`MemoryOptions::decision_temperature`]).
+    pub decision_temperature: Option<f64>,
 }
 
 impl EpisodeOptions {
@@ -43,6 +46,7 @@ impl EpisodeOptions {
             max_prompt_aug_num: model.spec.insertion.max_prompt_aug_num,
             max_inference_aug_num: model.spec.insertion.max_inference_aug_num,
             seed,
+            decision_temperature: None,
         }
     }
 }
@@ -230,6 +234,8 @@ pub fn run_episodes(
                     prompt_memory,
                     max_inference: left,
                     stop_ids: tok.eos_ids.clone(),
+                    decision_temperature: opts.decision_temperature,
+                    min_gap: 0,
                 },
                 sampler,
                 |_, _| {},

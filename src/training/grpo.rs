@@ -283,6 +283,16 @@ impl Rollout {
     }
 }
 
+/// How the trigger acts in rollouts (trigger GRPO); the default is the original's: no penalty,
+/// decisions sampled like tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TriggerRollout {
+    /// λ: the reward loses λ · inference insertions / cap.
+    pub insertion_penalty: f64,
+    /// The temperature of the trigger's decisions, apart from the reasoner's tokens.
+    pub decision_temperature: Option<f64>,
+}
+
 /// The prompt ids of a sample (ChatML with the generation prompt), cut from the left to `max`.
 pub fn prompt_ids(model: &MemGenModel, s: &Sample, max: usize) -> anyhow::Result<Vec<u32>> {
     let mut ids = model.tokenizer.encode(&render_chatml(&s.messages, true))?;
@@ -295,7 +305,8 @@ pub fn prompt_ids(model: &MemGenModel, s: &Sample, max: usize) -> anyhow::Result
 /// Sample `repeat` rollouts of each sample with memory and reward them with the task. Single-turn
 /// tasks take one batched `model.generate` call (prompts cut to `max_prompt_length`); multi-turn
 /// tasks run episodes against `env` (the search environment), whose turn cap bounds their length.
-/// The trigger's insertion penalty (λ · inference insertions / cap) comes off the reward.
+/// `trig` sets the trigger's insertion penalty (λ · inference insertions / cap comes off the
+/// reward) and the temperature of its decisions.
 #[allow(clippy::too_many_arguments)]
 pub fn rollouts(
     model: &MemGenModel,
@@ -305,7 +316,7 @@ pub fn rollouts(
     repeat: usize,
     sampling: SamplingConfig,
     max_prompt_length: usize,
-    insertion_penalty: f64,
+    trig: TriggerRollout,
 ) -> anyhow::Result<Vec<Rollout>> {
     let mut out = if task.multi_turn() {
         let env = env.ok_or_else(|| {
@@ -314,14 +325,22 @@ pub fn rollouts(
                 task.name()
             )
         })?;
-        episode_rollouts(model, task, env, samples, repeat, sampling)?
+        episode_rollouts(model, task, env, samples, repeat, sampling, trig)?
     } else {
-        generated_rollouts(model, task, samples, repeat, sampling, max_prompt_length)?
+        generated_rollouts(
+            model,
+            task,
+            samples,
+            repeat,
+            sampling,
+            max_prompt_length,
+            trig,
+        )?
     };
     let cap = model.spec.insertion.max_inference_aug_num;
-    if insertion_penalty != 0.0 && cap > 0 {
+    if trig.insertion_penalty != 0.0 && cap > 0 {
         for r in &mut out {
-            r.reward -= insertion_penalty * r.inference_insertions() as f64 / cap as f64;
+            r.reward -= trig.insertion_penalty * r.inference_insertions() as f64 / cap as f64;
         }
     }
     Ok(out)
@@ -335,6 +354,7 @@ fn generated_rollouts(
     repeat: usize,
     sampling: SamplingConfig,
     max_prompt_length: usize,
+    trig: TriggerRollout,
 ) -> anyhow::Result<Vec<Rollout>> {
     let mut prompts = vec![];
     let mut rows = vec![];
@@ -350,6 +370,8 @@ fn generated_rollouts(
         prompt_memory: ins.max_prompt_aug_num > 0,
         max_inference: ins.max_inference_aug_num,
         stop_ids: model.tokenizer.eos_ids.clone(),
+        decision_temperature: trig.decision_temperature,
+        min_gap: 0,
     };
     let mut sampler = Sampler::new(sampling);
     let gens = model.generate(&prompts, &opts, &mut sampler, |_, _| {})?;
@@ -375,13 +397,17 @@ fn episode_rollouts(
     samples: &[&Sample],
     repeat: usize,
     sampling: SamplingConfig,
+    trig: TriggerRollout,
 ) -> anyhow::Result<Vec<Rollout>> {
     let batch: Vec<Sample> = samples
         .iter()
         .flat_map(|s| std::iter::repeat_n((*s).clone(), repeat))
         .collect();
     // The sampling seed also seeds which turns get a prompt memory (when capped below max_turns).
-    let opts = EpisodeOptions::from_model(model, env.config().max_turns, sampling.seed);
+    let opts = EpisodeOptions {
+        decision_temperature: trig.decision_temperature,
+        ..EpisodeOptions::from_model(model, env.config().max_turns, sampling.seed)
+    };
     let mut sampler = Sampler::new(sampling);
     let eps = run_episodes(model, &batch, Some(env), &opts, &mut sampler)?;
     Ok(eps
@@ -577,7 +603,16 @@ pub fn eval_reward(
             max_new_tokens: max_new,
             ..Default::default()
         };
-        let rs = rollouts(model, task, env, &refs, 1, sampling, max_prompt, 0.0)?;
+        let rs = rollouts(
+            model,
+            task,
+            env,
+            &refs,
+            1,
+            sampling,
+            max_prompt,
+            TriggerRollout::default(),
+        )?;
         sum += rs.iter().map(|r| r.task_reward).sum::<f64>();
         ins += rs.iter().map(|r| r.inference_insertions()).sum::<usize>();
     }
@@ -715,8 +750,20 @@ pub fn train_grpo(
         let mut gen_tokens = 0usize;
         for (j, idx) in micro.iter().enumerate() {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+            // The trigger's decisions always sample at `temperature` (its policy); the reasoner's
+            // tokens may be sampled apart (`reasoner_temperature`, trigger GRPO only).
+            let trig = match target {
+                Target::Trigger => TriggerRollout {
+                    insertion_penalty: cfg.insertion_penalty,
+                    decision_temperature: Some(cfg.temperature),
+                },
+                Target::Weaver => TriggerRollout::default(),
+            };
             let sampling = SamplingConfig {
-                temperature: cfg.temperature,
+                temperature: match target {
+                    Target::Trigger => cfg.reasoner_temperature.unwrap_or(cfg.temperature),
+                    Target::Weaver => cfg.temperature,
+                },
                 top_p: cfg.top_p,
                 top_k: cfg.top_k,
                 max_new_tokens: cfg.max_completion_length,
@@ -724,11 +771,6 @@ pub fn train_grpo(
                     use rand::Rng;
                     step_rng(run.seed, (s * plan.accum + j) as u64, 0x5A3).random()
                 },
-            };
-            let penalty = if target == Target::Trigger {
-                cfg.insertion_penalty
-            } else {
-                0.0
             };
             let mut rs = rollouts(
                 model,
@@ -738,7 +780,7 @@ pub fn train_grpo(
                 g,
                 sampling,
                 cfg.max_prompt_length,
-                penalty,
+                trig,
             )?;
             for r in &mut rs {
                 r.reward *= weight;
