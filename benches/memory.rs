@@ -1,6 +1,6 @@
 //! Speed of MemGen's memory paths (run through scripts/bench-memory.sh):
 //!   decode   — tokens/s of plain decoding, of decoding with memory (nano trigger, 1 prompt + 5
-//!              inference memories) and of the literal reference implementation;
+//!              inference memories at least GAP tokens apart) and of the literal reference;
 //!   sft      — seconds per teacher-forced forward + backward on 4 GSM8K samples (memgen);
 //!   sft-ref  — the same with the literal reference (one insertion point at a time).
 //! Usage: cargo bench --bench memory -- <decode|sft|sft-ref> [batch] [new-tokens] [ref-new-tokens]
@@ -86,6 +86,17 @@ fn tf_rows(m: &MemGenModel) -> anyhow::Result<Vec<TfRow>> {
     Ok(rows)
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -115,26 +126,52 @@ fn main() -> anyhow::Result<()> {
                 max_new_tokens: new,
                 ..Default::default()
             };
-            let t = Instant::now();
-            let plain = generate(
-                &m.reasoner,
-                &prompts,
-                m.tokenizer.pad_id,
-                &[],
-                &mut Sampler::new(cfg.clone()),
-                |_, _| {},
-            )?;
-            let n: usize = plain.iter().map(|g| g.tokens.len()).sum();
-            let plain_rate = n as f64 / t.elapsed().as_secs_f64();
+            // Plain and memory runs alternate, REPS pairs (default 3): a drift in the machine's
+            // speed then hits both sides alike; the medians and the per-pair ratios are reported.
+            let reps: usize = std::env::var("REPS")
+                .ok()
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(3)
+                .max(1);
+            // The nano trigger takes the first boundaries; GAP (default 40) spaces them out so the
+            // five memories spread over the answer and the weaver reads most of it.
+            let gap: usize = std::env::var("GAP")
+                .ok()
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(40);
             let opts = MemoryOptions {
                 prompt_memory: true,
                 max_inference: 5,
                 stop_ids: vec![],
+                decision_temperature: None,
+                min_gap: gap,
             };
-            let t = Instant::now();
-            let mem = m.generate(&prompts, &opts, &mut Sampler::new(cfg.clone()), |_, _| {})?;
-            let n: usize = mem.iter().map(|g| g.tokens.len()).sum();
-            let mem_rate = n as f64 / t.elapsed().as_secs_f64();
+            let (mut plain_rates, mut mem_rates, mut ratios) = (vec![], vec![], vec![]);
+            let mut mem = vec![];
+            for _ in 0..reps {
+                let t = Instant::now();
+                let plain = generate(
+                    &m.reasoner,
+                    &prompts,
+                    m.tokenizer.pad_id,
+                    &[],
+                    &mut Sampler::new(cfg.clone()),
+                    |_, _| {},
+                )?;
+                let n: usize = plain.iter().map(|g| g.tokens.len()).sum();
+                let plain_rate = n as f64 / t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                mem = m.generate(&prompts, &opts, &mut Sampler::new(cfg.clone()), |_, _| {})?;
+                let n: usize = mem.iter().map(|g| g.tokens.len()).sum();
+                let mem_rate = n as f64 / t.elapsed().as_secs_f64();
+                plain_rates.push(plain_rate);
+                mem_rates.push(mem_rate);
+                ratios.push(100.0 * mem_rate / plain_rate);
+            }
+            let plain_rate = median(&plain_rates);
+            let mem_rate = median(&mem_rates);
             if std::env::var("MEMGEN_BENCH_SHOW").is_ok() {
                 for g in &mem {
                     eprintln!("--- {:?}", m.tokenizer.decode(&g.tokens)?);
@@ -152,9 +189,11 @@ fn main() -> anyhow::Result<()> {
                 rn += toks.len();
             }
             let ref_rate = rn as f64 / t.elapsed().as_secs_f64();
+            let pct: Vec<String> = ratios.iter().map(|r| format!("{r:.0}%")).collect();
             println!(
-                "decode batch={batch} new={new}: plain {plain_rate:.1} tok/s | with memory {mem_rate:.1} tok/s ({:.0}% of plain; insertions at {spots:?}) | literal reference {ref_rate:.2} tok/s (first {ref_new} tokens)",
-                100.0 * mem_rate / plain_rate
+                "decode batch={batch} new={new} gap={gap}: plain {plain_rate:.1} tok/s | with memory {mem_rate:.1} tok/s ({:.0}% of plain, median of {reps} alternating pairs: {}; insertions at {spots:?}) | literal reference {ref_rate:.2} tok/s (first {ref_new} tokens)",
+                median(&ratios),
+                pct.join(" ")
             );
         }
         "sft" | "sft-ref" => {

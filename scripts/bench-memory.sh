@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Speed of MemGen's memory paths on SmolLM2-135M (a benchmark, not a test):
 #  - decoding, batch 1 and 4, 256 new tokens, greedy: plain vs with memory (nano trigger, 1 prompt +
-#    5 inference memories) vs the literal reference implementation (recomputes everything; timed on
-#    its first REF_NEW tokens since it is quadratic);
+#    5 inference memories spread over the answer: at least GAP tokens apart) vs the literal
+#    reference implementation (recomputes everything; timed on its first REF_NEW tokens since it
+#    is quadratic);
 #  - one teacher-forced forward+backward on 4 GSM8K samples: memgen vs the literal reference,
 #    each with its peak RSS.
-# Env: THREADS (default: all cores), NEW (256), REF_NEW (48).
+# Env: THREADS (default: all cores), NEW (256), REF_NEW (48), GAP (40), REPS (3: alternating
+#      plain / memory pairs per batch size; medians and per-pair ratios are printed).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
