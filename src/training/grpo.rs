@@ -727,6 +727,18 @@ pub fn train_grpo(
         beta: cfg.beta,
         max_completion_length: cfg.max_completion_length,
     };
+    // The trigger's decisions always sample at `temperature` (its policy); the reasoner's tokens
+    // may be sampled apart (`reasoner_temperature`, trigger GRPO only).
+    let (trig, token_temperature) = match target {
+        Target::Trigger => (
+            TriggerRollout {
+                insertion_penalty: cfg.insertion_penalty,
+                decision_temperature: Some(cfg.temperature),
+            },
+            cfg.reasoner_temperature.unwrap_or(cfg.temperature),
+        ),
+        Target::Weaver => (TriggerRollout::default(), cfg.temperature),
+    };
     let policy = Policy {
         model,
         target,
@@ -750,20 +762,8 @@ pub fn train_grpo(
         let mut gen_tokens = 0usize;
         for (j, idx) in micro.iter().enumerate() {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
-            // The trigger's decisions always sample at `temperature` (its policy); the reasoner's
-            // tokens may be sampled apart (`reasoner_temperature`, trigger GRPO only).
-            let trig = match target {
-                Target::Trigger => TriggerRollout {
-                    insertion_penalty: cfg.insertion_penalty,
-                    decision_temperature: Some(cfg.temperature),
-                },
-                Target::Weaver => TriggerRollout::default(),
-            };
             let sampling = SamplingConfig {
-                temperature: match target {
-                    Target::Trigger => cfg.reasoner_temperature.unwrap_or(cfg.temperature),
-                    Target::Weaver => cfg.temperature,
-                },
+                temperature: token_temperature,
                 top_p: cfg.top_p,
                 top_k: cfg.top_k,
                 max_new_tokens: cfg.max_completion_length,
