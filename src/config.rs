@@ -202,6 +202,12 @@ pub struct SftConfig {
     pub max_length: usize,
     #[serde(default = "yes")]
     pub load_best_model_at_end: bool,
+    /// Beyond the original (1.0 = the original): each answer boundary keeps its memory with this
+    /// probability (then the cap applies), so the weaver is trained on the memory layouts a
+    /// trigger that skips some boundaries produces, and its memories stay useful when some are
+    /// skipped. Validation thins the same way, with a fixed draw per row.
+    #[serde(default = "one_f")]
+    pub insertion_probability: f64,
     /// Use at most this many training / validation samples.
     #[serde(default)]
     pub max_train_samples: Option<usize>,
@@ -631,6 +637,12 @@ impl RunConfig {
         if s.per_device_train_batch_size == 0 || s.gradient_accumulation_steps == 0 {
             anyhow::bail!(
                 "run.weaver.sft: batch size and gradient_accumulation_steps must be at least 1"
+            );
+        }
+        if !(0.0..=1.0).contains(&s.insertion_probability) {
+            anyhow::bail!(
+                "run.weaver.sft.insertion_probability must be between 0 and 1, got {}",
+                s.insertion_probability
             );
         }
         for (name, v) in [

@@ -10,12 +10,13 @@ use candle_core::{Device, Tensor, Var};
 use memgen::backbone::Arch;
 use memgen::config::{GrpoConfig, SftConfig};
 use memgen::memory::teacher::TfRow;
-use memgen::memory::{MemGenModel, MemGenSpec};
+use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::tasks::{Graded, Message, Sample, Split, Task};
 use memgen::training::grpo::{self, advantages, policy_loss, LossSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::schedule::Schedule;
 use memgen::training::sft::{self, SftRun};
+use rand::SeedableRng;
 
 fn tiny_memgen(trigger: bool) -> MemGenModel {
     let reasoner = common::tiny(Arch::Qwen2, 21);
@@ -270,13 +271,23 @@ fn read_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn sft_resume_is_bit_identical() {
+    // Also with thinned insertion points, whose draws must resume too.
+    for q in [1.0, 0.5] {
+        sft_resume_case(q);
+    }
+}
+
+fn sft_resume_case(q: f64) {
     let straight = tempfile::tempdir().unwrap();
     let resumed = tempfile::tempdir().unwrap();
     let run = |out: &Path, stop: Option<usize>| {
         let m = tiny_memgen(false);
         let r = rows(&m);
         let run = SftRun {
-            cfg: sft_cfg(6, 5e-3),
+            cfg: SftConfig {
+                insertion_probability: q,
+                ..sft_cfg(6, 5e-3)
+            },
             seed: 3,
             out: out.to_path_buf(),
             resume: None,
@@ -317,6 +328,44 @@ fn sft_resume_is_bit_identical() {
             .collect()
     };
     assert_eq!(strip(straight.path()), strip(resumed.path()));
+}
+
+#[test]
+fn insertion_probability_thins_every_boundary_then_applies_the_cap() {
+    let m = tiny_memgen(false);
+    // Answer boundaries after 12, 15, 18, 21 and 24 (delimiter ids ≡ 0, 3, 6 mod 9); cap 2.
+    let answer = [10, 12, 13, 15, 16, 18, 19, 21, 22, 24, 25];
+    let row = sft::sft_row(&m, vec![5, 7, 8], answer.to_vec(), 64).unwrap();
+    let pos =
+        |r: &TfRow| -> Vec<(usize, Kind)> { r.points.iter().map(|p| (p.pos, p.kind)).collect() };
+    let p0 = (3, Kind::Prompt);
+    assert_eq!(
+        pos(&row),
+        vec![p0, (5, Kind::Inference), (7, Kind::Inference)]
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // q = 1 is the original: the first `cap` boundaries. q = 0 keeps the prompt memory only.
+    assert_eq!(pos(&sft::thin_points(&m, &row, 1.0, &mut rng)), pos(&row));
+    assert_eq!(pos(&sft::thin_points(&m, &row, 0.0, &mut rng)), vec![p0]);
+    // q = 0.5: each boundary kept with probability ½, then at most 2 of them — so the first
+    // boundary appears half the time and the third ½ · (1 − ¼) = 3/8 of the time.
+    let boundaries = [5, 7, 9, 11, 13];
+    let mut seen = [0usize; 5];
+    let n = 4000;
+    for _ in 0..n {
+        let t = sft::thin_points(&m, &row, 0.5, &mut rng);
+        assert_eq!(t.tokens, row.tokens);
+        assert_eq!(t.points[0], row.points[0]);
+        let inf: Vec<usize> = t.points[1..].iter().map(|p| p.pos).collect();
+        assert!(inf.len() <= 2, "{inf:?}");
+        for p in inf {
+            seen[boundaries.iter().position(|&b| b == p).unwrap()] += 1;
+        }
+    }
+    let f = |i: usize| seen[i] as f64 / n as f64;
+    assert!((f(0) - 0.5).abs() < 0.03, "{seen:?}");
+    assert!((f(2) - 0.375).abs() < 0.03, "{seen:?}");
+    assert!(seen[4] > 0, "the last boundary is reachable: {seen:?}");
 }
 
 /// A toy single-turn task: reward 1 when the completion mentions `w7`.

@@ -20,7 +20,7 @@ use crate::backbone::Mode;
 use crate::config::SftConfig;
 use crate::memory::checkpoint::Part;
 use crate::memory::teacher::TfRow;
-use crate::memory::MemGenModel;
+use crate::memory::{Kind, MemGenModel};
 use crate::tasks::{render_chatml, Message, Sample};
 
 /// Turn samples into teacher-forcing rows: the prompt with its generation prompt, then the target,
@@ -81,6 +81,40 @@ pub fn sft_row(
         loss_mask,
         points,
     })
+}
+
+/// `insertion_probability` < 1 (beyond the original): every answer boundary of `row` — not only
+/// the first `max_inference_aug_num` — keeps its memory with probability `q`, then the cap
+/// applies to the kept ones, as in generation with a trigger that inserts with probability `q`.
+/// Prompt points always stay (the trigger does not decide them).
+pub fn thin_points(model: &MemGenModel, row: &TfRow, q: f64, rng: &mut impl rand::Rng) -> TfRow {
+    let prompt: Vec<usize> = row
+        .points
+        .iter()
+        .filter(|p| p.kind == Kind::Prompt)
+        .map(|p| p.pos)
+        .collect();
+    let all = model
+        .boundary
+        .training_points(&row.tokens, &row.loss_mask, &prompt, usize::MAX);
+    let cap = model.spec.insertion.max_inference_aug_num;
+    let mut kept = 0;
+    let points = all
+        .into_iter()
+        .filter(|p| {
+            p.kind == Kind::Prompt || {
+                // One draw per boundary, also past the cap, so a row's draws do not depend on it.
+                let keep = rng.random_bool(q) && kept < cap;
+                kept += keep as usize;
+                keep
+            }
+        })
+        .collect();
+    TfRow {
+        tokens: row.tokens.clone(),
+        loss_mask: row.loss_mask.clone(),
+        points,
+    }
 }
 
 /// Rows from a plain (prompt, answer) text pair, for callers without a task.
@@ -154,6 +188,19 @@ pub fn train_sft(
         cfg.warmup_ratio,
         plan.total_steps,
     );
+    let q = cfg.insertion_probability;
+    // Validation thins once, with a fixed draw per row, so its losses stay comparable.
+    let thinned_valid: Vec<TfRow>;
+    let valid = if q < 1.0 {
+        thinned_valid = valid
+            .iter()
+            .enumerate()
+            .map(|(i, r)| thin_points(model, r, q, &mut step_rng(run.seed, i as u64, 0xD82)))
+            .collect();
+        &thinned_valid[..]
+    } else {
+        valid
+    };
     let vars = model.weaver_vars();
     let mut opt = AdamW::new(
         vars.clone(),
@@ -207,7 +254,14 @@ pub fn train_sft(
             let n_batch: usize = rows.iter().map(|r| n_targets(r)).sum();
             anyhow::ensure!(n_batch > 0, "a batch without answer tokens");
             let mut rng = step_rng(run.seed, (s * plan.accum + j) as u64, 0xD80);
-            let batch: Vec<TfRow> = rows.into_iter().cloned().collect();
+            let batch: Vec<TfRow> = if q < 1.0 {
+                let mut thin_rng = step_rng(run.seed, (s * plan.accum + j) as u64, 0xD81);
+                rows.into_iter()
+                    .map(|r| thin_points(model, r, q, &mut thin_rng))
+                    .collect()
+            } else {
+                rows.into_iter().cloned().collect()
+            };
             let (loss, _) = model.sft_loss(&batch, &mut Mode::Train(&mut rng))?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
