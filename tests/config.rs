@@ -93,7 +93,10 @@ fn mistakes_are_errors_naming_the_key() {
     let e = err(&[("run.trigger.grpo.reasoner_temperature", "-1")]);
     assert!(e.contains("reasoner_temperature"), "{e}");
     let e = err(&[("run.weaver.sft.insertion_probability", "1.5")]);
-    assert!(e.contains("insertion_probability must be between 0 and 1"), "{e}");
+    assert!(
+        e.contains("insertion_probability must be between 0 and 1"),
+        "{e}"
+    );
     let e = err(&[("datasets.gsm8k.colour", "red")]);
     assert!(e.contains("colour"), "{e}");
     assert!(RunConfig::from_yaml("model: [1, 2", "bad.yaml", &[])

@@ -449,10 +449,8 @@ impl Backbone {
     /// One decoder block in `Mode::Infer` on f32 CPU tensors: fused q/k/v and gate/up matmuls,
     /// and fused rope, attention, SwiGLU and residual kernels (see `ops`). Same function as
     /// [`Backbone::block`], with fewer passes over memory and no thread-pool round trips for
-    /// small elementwise ops.
-    #[allow(clippy::too_many_arguments)]
-    /// One decoder block in `Mode::Infer` with the fused kernels. With `packing`, `x` holds only
-    /// the real rows (1 × N × d) and so does the result.
+    /// small elementwise ops. With `packing`, `x` holds only the real rows (1 × N × d) and so
+    /// does the result.
     #[allow(clippy::too_many_arguments)]
     fn block_infer(
         &self,
