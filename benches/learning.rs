@@ -151,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    let mut nano = None;
     if let Some(w) = &a.weaver {
         let t = Instant::now();
         let ws = MemGenSpec::read(&w.join("memgen.json"))?;
@@ -161,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             "weaver (nano):  accuracy {wa:.3}  answer NLL {wn:.4}  memories/answer {wi:.2}  ({:.0} s)",
             t.elapsed().as_secs_f64()
         );
+        nano = Some((wa, wi));
     }
     if let Some(tr) = &a.trigger {
         let t = Instant::now();
@@ -172,6 +174,13 @@ fn main() -> anyhow::Result<()> {
             "weaver+trigger: accuracy {ta:.3}  memories/answer {ti:.2}  ({:.0} s)",
             t.elapsed().as_secs_f64()
         );
+        if let Some((wa, wi)) = nano {
+            println!(
+                "trigger vs nano: accuracy {:+.1} points, {:.0}% of nano's memories",
+                100.0 * (ta - wa),
+                100.0 * ti / wi.max(1e-9)
+            );
+        }
     }
     Ok(())
 }

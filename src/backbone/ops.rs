@@ -1065,6 +1065,12 @@ pub(crate) mod kernels {
             let qo = (bi * d.l + i) * d.w + h * hd;
             let qi = &q[qo..qo + hd];
             let limit = (d.past + i + 1).min(d.t);
+            let yo = (bi * d.l + i) * d.heads * hd + h * hd;
+            if d.past + i < d.t && mask[d.past + i] == 0 {
+                // A padding query (a finished row, or a row without latents in a step where
+                // others have some): nothing reads its output, so skip the work and leave 0.
+                continue;
+            }
             let mut max = f32::NEG_INFINITY;
             let mut any = false;
             for j in 0..limit {
@@ -1103,7 +1109,6 @@ pub(crate) mod kernels {
                     }
                 }
             }
-            let yo = (bi * d.l + i) * d.heads * hd + h * hd;
             std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(yo), hd);
         }
     }
