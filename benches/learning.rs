@@ -3,7 +3,10 @@
 //! trigger (accuracy and memories per answer). Used by scripts/bench-learning.sh.
 //!
 //!   cargo bench --bench learning -- --config configs/quickstart.yaml --weaver runs/q/weaver \
-//!       [--trigger runs/q-trigger/trigger] [--rows 50] [--no-vanilla]
+//!       [--trigger runs/q-trigger/trigger] [--rows 50] [--no-vanilla] [--trigger-sample]
+//!
+//! Tokens are greedy. The trigger's decisions take the argmax, and with `--trigger-sample` they
+//! are also sampled at temperature 1 (seeded): the policy GRPO trained, rather than its mode.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,6 +27,7 @@ struct Args {
     rows: usize,
     max_new: usize,
     vanilla: bool,
+    trigger_sample: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -34,6 +38,7 @@ fn args() -> anyhow::Result<Args> {
         rows: 50,
         max_new: 200,
         vanilla: true,
+        trigger_sample: false,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -51,6 +56,11 @@ fn args() -> anyhow::Result<Args> {
             "--max-new-tokens" => a.max_new = next()?.parse()?,
             "--no-vanilla" => {
                 a.vanilla = false;
+                i += 1;
+                continue;
+            }
+            "--trigger-sample" => {
+                a.trigger_sample = true;
                 i += 1;
                 continue;
             }
@@ -72,6 +82,7 @@ fn accuracy(
     rows: &[Sample],
     memory: bool,
     max_new: usize,
+    decision_temperature: Option<f64>,
 ) -> anyhow::Result<(f64, f64)> {
     let (mut acc, mut ins) = (0f64, 0usize);
     for chunk in rows.chunks(8) {
@@ -87,7 +98,7 @@ fn accuracy(
                 0
             },
             stop_ids: m.tokenizer.eos_ids.clone(),
-            decision_temperature: None,
+            decision_temperature,
             min_gap: 0,
         };
         let mut sampler = Sampler::new(SamplingConfig {
@@ -144,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let spec = cfg.memgen_spec(false);
         let base = MemGenModel::build(&spec, &candle_core::Device::Cpu)?;
-        let (va, _) = accuracy(&base, task.as_ref(), &rows, false, a.max_new)?;
+        let (va, _) = accuracy(&base, task.as_ref(), &rows, false, a.max_new, None)?;
         let vn = nll(&base, &rows, false)?;
         println!(
             "vanilla:        accuracy {va:.3}  answer NLL {vn:.4}  ({:.0} s)",
@@ -156,7 +167,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let ws = MemGenSpec::read(&w.join("memgen.json"))?;
         let m = load(&ws, w, &[Part::Weaver])?;
-        let (wa, wi) = accuracy(&m, task.as_ref(), &rows, true, a.max_new)?;
+        let (wa, wi) = accuracy(&m, task.as_ref(), &rows, true, a.max_new, None)?;
         let wn = nll(&m, &rows, true)?;
         println!(
             "weaver (nano):  accuracy {wa:.3}  answer NLL {wn:.4}  memories/answer {wi:.2}  ({:.0} s)",
@@ -165,21 +176,28 @@ fn main() -> anyhow::Result<()> {
         nano = Some((wa, wi));
     }
     if let Some(tr) = &a.trigger {
-        let t = Instant::now();
         let ts = MemGenSpec::read(&tr.join("memgen.json"))?;
         anyhow::ensure!(ts.trigger_model.is_some(), "{}: no trigger", tr.display());
         let m = load(&ts, tr, &[Part::Weaver, Part::Trigger])?;
-        let (ta, ti) = accuracy(&m, task.as_ref(), &rows, true, a.max_new)?;
-        println!(
-            "weaver+trigger: accuracy {ta:.3}  memories/answer {ti:.2}  ({:.0} s)",
-            t.elapsed().as_secs_f64()
-        );
-        if let Some((wa, wi)) = nano {
+        let modes: &[(&str, Option<f64>)] = if a.trigger_sample {
+            &[("argmax", None), ("sampled", Some(1.0))]
+        } else {
+            &[("argmax", None)]
+        };
+        for &(how, temp) in modes {
+            let t = Instant::now();
+            let (ta, ti) = accuracy(&m, task.as_ref(), &rows, true, a.max_new, temp)?;
             println!(
-                "trigger vs nano: accuracy {:+.1} points, {:.0}% of nano's memories",
-                100.0 * (ta - wa),
-                100.0 * ti / wi.max(1e-9)
+                "weaver+trigger ({how}): accuracy {ta:.3}  memories/answer {ti:.2}  ({:.0} s)",
+                t.elapsed().as_secs_f64()
             );
+            if let Some((wa, wi)) = nano {
+                println!(
+                    "  vs nano: accuracy {:+.1} points, {:.0}% of nano's memories",
+                    100.0 * (ta - wa),
+                    100.0 * ti / wi.max(1e-9)
+                );
+            }
         }
     }
     Ok(())

@@ -42,6 +42,6 @@ echo "trigger GRPO wall time: $((t2 - t1)) s"
 
 echo "== held-out evaluation: $ROWS rows =="
 cargo bench --quiet --bench learning -- --config "$CONFIG" --rows "$ROWS" \
-  --weaver "$OUT/sft/weaver" --trigger "$OUT/trigger/trigger"
+  --weaver "$OUT/sft/weaver" --trigger "$OUT/trigger/trigger" --trigger-sample
 t3=$(secs)
 echo "evaluation wall time: $((t3 - t2)) s; total $((t3 - t0)) s"
