@@ -4,10 +4,10 @@
 #   2. trigger GRPO on top of that weaver,
 #   3. held-out greedy accuracy and answer NLL: vanilla reasoner vs + weaver (nano trigger) vs
 #      + weaver + trained trigger (with memories per answer), and the wall time of each phase.
-# The config is configs/arith-trigger.yaml: every boundary may get a memory (cap 12) and the weaver
-# is trained with insertion_probability 0.5, so a trigger has memories it can learn to skip.
+# CONFIG=configs/arith-trigger.yaml runs the same on a weaver trained with a memory at only some
+# boundaries (cap 12, insertion_probability 0.5), the setting for trigger experiments.
 # Budget knobs (defaults sized for ≤ 30 min of SFT on a 2-core CPU):
-#   SFT_STEPS=100 TRIGGER_STEPS=40 ROWS=100 OUT=runs/bench-learning CONFIG=configs/arith-trigger.yaml \
+#   SFT_STEPS=100 TRIGGER_STEPS=40 ROWS=100 OUT=runs/bench-learning CONFIG=configs/quickstart.yaml \
 #     scripts/bench-learning.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,7 +17,7 @@ TRIGGER_STEPS=${TRIGGER_STEPS:-40}
 ROWS=${ROWS:-100}
 SEED=${SEED:-42}
 OUT=${OUT:-runs/bench-learning}
-CONFIG=${CONFIG:-configs/arith-trigger.yaml}
+CONFIG=${CONFIG:-configs/quickstart.yaml}
 
 cargo build --release --quiet
 cargo bench --no-run --quiet --bench learning 2>/dev/null || true
