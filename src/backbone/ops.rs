@@ -862,6 +862,120 @@ pub(crate) mod kernels {
             *y = s;
         }
 
+        /// [`super::head_body`] for 64-wide heads (SmolLM2, Qwen2.5-0.5B): the query row and the
+        /// output accumulator live in registers, and scores are taken four keys at a time, so
+        /// the four dot products' FMA chains overlap and share one horizontal reduction.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn head64(
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            d: &super::AttnDims,
+            mask: &[u8],
+            bi: usize,
+            h: usize,
+            y: *mut f32,
+        ) {
+            const HD: usize = 64;
+            let g = h / d.rep;
+            // As the reference: (q·k) · (1/√hd) with the scale applied in f32.
+            let scale = (1.0 / (HD as f64).sqrt()) as f32;
+            let kbase = bi * d.ks[0] + g * d.ks[1];
+            let vbase = bi * d.vs[0] + g * d.vs[1];
+            assert!(d.t == 0 || kbase + (d.t - 1) * d.ks[2] + HD <= k.len());
+            assert!(d.t == 0 || vbase + (d.t - 1) * d.vs[2] + HD <= v.len());
+            let kp = |j: usize| k.as_ptr().add(kbase + j * d.ks[2]);
+            let vp = |j: usize| v.as_ptr().add(vbase + j * d.vs[2]);
+            let mut p = vec![0f32; d.t];
+            for i in 0..d.l {
+                let qo = (bi * d.l + i) * d.w + h * HD;
+                assert!(qo + HD <= q.len());
+                let yo = (bi * d.l + i) * d.heads * HD + h * HD;
+                if d.past + i < d.t && mask[d.past + i] == 0 {
+                    continue; // a padding query: see head_body
+                }
+                let limit = (d.past + i + 1).min(d.t);
+                let qv: [__m256; 8] =
+                    std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(qo + 8 * c)));
+                let dot4 = |j: usize| -> __m256 {
+                    // Four keys j..j+4 (the caller keeps j + 3 < limit): lanes 0–3 of the result.
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    for (u, au) in a.iter_mut().enumerate() {
+                        let kr = kp(j + u);
+                        for (c, qc) in qv.iter().enumerate() {
+                            *au = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kr.add(8 * c)), *au);
+                        }
+                    }
+                    let s01 = _mm256_hadd_ps(a[0], a[1]);
+                    let s23 = _mm256_hadd_ps(a[2], a[3]);
+                    let s = _mm256_hadd_ps(s01, s23);
+                    // [a0 a1 a2 a3 | a0 a1 a2 a3] halves: add the two 128-bit lanes.
+                    _mm256_castps128_ps256(_mm_add_ps(
+                        _mm256_castps256_ps128(s),
+                        _mm256_extractf128_ps(s, 1),
+                    ))
+                };
+                let mut max = f32::NEG_INFINITY;
+                let mut any = false;
+                let mut j = 0;
+                let mut four = [0f32; 8];
+                while j < limit {
+                    if j + 4 <= limit {
+                        _mm256_storeu_ps(four.as_mut_ptr(), dot4(j));
+                    } else {
+                        let kr = kp(j);
+                        let mut a = _mm256_setzero_ps();
+                        for (c, qc) in qv.iter().enumerate() {
+                            a = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kr.add(8 * c)), a);
+                        }
+                        four[0] = hsum(a);
+                    }
+                    let n = if j + 4 <= limit { 4 } else { 1 };
+                    for u in 0..n {
+                        let jj = j + u;
+                        if mask[jj] != 0 {
+                            let s = four[u] * scale;
+                            p[jj] = s;
+                            max = max.max(s);
+                            any = true;
+                        } else {
+                            p[jj] = f32::NEG_INFINITY;
+                        }
+                    }
+                    j += n;
+                }
+                let mut acc = [_mm256_setzero_ps(); 8];
+                if any {
+                    exp_shifted(&mut p[..limit], max);
+                    let mut sum = 0f32;
+                    for &e in &p[..limit] {
+                        sum += e;
+                    }
+                    for (jj, &e) in p[..limit].iter().enumerate() {
+                        if mask[jj] != 0 {
+                            let pj = _mm256_set1_ps(e / sum);
+                            let vr = vp(jj);
+                            for (c, ac) in acc.iter_mut().enumerate() {
+                                *ac = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr.add(8 * c)), *ac);
+                            }
+                        }
+                    }
+                } else {
+                    let pj = _mm256_set1_ps(1.0 / d.t as f32);
+                    for jj in 0..d.t {
+                        let vr = vp(jj);
+                        for (c, ac) in acc.iter_mut().enumerate() {
+                            *ac = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr.add(8 * c)), *ac);
+                        }
+                    }
+                }
+                for (c, ac) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(y.add(yo + 8 * c), *ac);
+                }
+            }
+        }
+
         /// `p[j] = exp(p[j] − shift)`, eight at a time; −∞ (and anything below −87.3) gives 0.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) {
@@ -1031,6 +1145,9 @@ pub(crate) mod kernels {
         h: usize,
         y: *mut f32,
     ) {
+        if d.hd == 64 {
+            return avx::head64(q, k, v, d, mask, bi, h, y);
+        }
         head_body(q, k, v, d, mask, bi, h, y, |p, m| avx::exp_shifted(p, m))
     }
 
@@ -1115,6 +1232,77 @@ pub(crate) mod kernels {
 
     #[cfg(all(test, target_arch = "x86_64"))]
     mod tests {
+        #[test]
+        fn head64_matches_the_generic_head() {
+            if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+                return;
+            }
+            // 2 rows × 3 new positions after 6 cached ones (t = 9: two blocks of four keys and a
+            // tail), 4 query heads over 2 kv heads; padding keys, a padding query (row 0,
+            // position 7) and a left-padded row.
+            let (b, l, past, heads, kvh, hd) = (2, 3, 6, 4, 2, 64);
+            let t = past + l;
+            let mut seed = 1u64;
+            let mut rnd = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            };
+            let w = heads * hd;
+            let q = rnd(b * l * w);
+            let k = rnd(b * kvh * t * hd);
+            let v = rnd(b * kvh * t * hd);
+            let d = super::AttnDims {
+                b,
+                l,
+                t,
+                w,
+                heads,
+                rep: heads / kvh,
+                hd,
+                past,
+                ks: [kvh * t * hd, t * hd, hd],
+                vs: [kvh * t * hd, t * hd, hd],
+            };
+            let mask = vec![
+                vec![1, 0, 1, 1, 0, 1, 1, 0, 1],
+                vec![0, 0, 0, 0, 0, 0, 1, 1, 1],
+            ];
+            for bi in 0..b {
+                for h in 0..heads {
+                    let mut fast = vec![0f32; b * l * w];
+                    let mut slow = vec![0f32; b * l * w];
+                    // SAFETY: the CPU has AVX2 and FMA; the buffers have the sizes `d` describes.
+                    unsafe {
+                        super::avx::head64(&q, &k, &v, &d, &mask[bi], bi, h, fast.as_mut_ptr());
+                        super::head_body(
+                            &q,
+                            &k,
+                            &v,
+                            &d,
+                            &mask[bi],
+                            bi,
+                            h,
+                            slow.as_mut_ptr(),
+                            super::exp_shifted,
+                        );
+                    }
+                    for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                        assert!(
+                            (f - s).abs() < 1e-5,
+                            "row {bi} head {h} elem {i}: {f} vs {s}"
+                        );
+                    }
+                    assert!(fast.iter().any(|&x| x != 0.0));
+                }
+            }
+        }
+
         #[test]
         fn vector_exp_matches_libm_and_zeroes_masked_scores() {
             if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
