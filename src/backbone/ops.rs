@@ -932,10 +932,10 @@ pub(crate) mod kernels {
                         four[0] = hsum(a);
                     }
                     let n = if j + 4 <= limit { 4 } else { 1 };
-                    for u in 0..n {
+                    for (u, &dot) in four[..n].iter().enumerate() {
                         let jj = j + u;
                         if mask[jj] != 0 {
-                            let s = four[u] * scale;
+                            let s = dot * scale;
                             p[jj] = s;
                             max = max.max(s);
                             any = true;
@@ -1269,23 +1269,23 @@ pub(crate) mod kernels {
                 ks: [kvh * t * hd, t * hd, hd],
                 vs: [kvh * t * hd, t * hd, hd],
             };
-            let mask = vec![
+            let mask = [
                 vec![1, 0, 1, 1, 0, 1, 1, 0, 1],
                 vec![0, 0, 0, 0, 0, 0, 1, 1, 1],
             ];
-            for bi in 0..b {
+            for (bi, row_mask) in mask.iter().enumerate() {
                 for h in 0..heads {
                     let mut fast = vec![0f32; b * l * w];
                     let mut slow = vec![0f32; b * l * w];
                     // SAFETY: the CPU has AVX2 and FMA; the buffers have the sizes `d` describes.
                     unsafe {
-                        super::avx::head64(&q, &k, &v, &d, &mask[bi], bi, h, fast.as_mut_ptr());
+                        super::avx::head64(&q, &k, &v, &d, row_mask, bi, h, fast.as_mut_ptr());
                         super::head_body(
                             &q,
                             &k,
                             &v,
                             &d,
-                            &mask[bi],
+                            row_mask,
                             bi,
                             h,
                             slow.as_mut_ptr(),
