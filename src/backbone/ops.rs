@@ -921,8 +921,10 @@ pub(crate) mod kernels {
                 let mut j = 0;
                 let mut four = [0f32; 8];
                 while j < limit {
-                    if j + 4 <= limit {
+                    // Blocks of four keys, then the last 1–3 one at a time.
+                    let n = if j + 4 <= limit {
                         _mm256_storeu_ps(four.as_mut_ptr(), dot4(j));
+                        4
                     } else {
                         let kr = kp(j);
                         let mut a = _mm256_setzero_ps();
@@ -930,8 +932,8 @@ pub(crate) mod kernels {
                             a = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kr.add(8 * c)), a);
                         }
                         four[0] = hsum(a);
-                    }
-                    let n = if j + 4 <= limit { 4 } else { 1 };
+                        1
+                    };
                     for (u, &dot) in four[..n].iter().enumerate() {
                         let jj = j + u;
                         if mask[jj] != 0 {
