@@ -7,6 +7,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod packed;
 pub mod tokenizer;
 pub mod weights;
 

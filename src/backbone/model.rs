@@ -414,13 +414,39 @@ impl Backbone {
         } else {
             ops::frozen_linear_infer(x, w, bias)?
         };
+        match self.lora_delta(li, t, x, mode)? {
+            Some(d) => y + d,
+            None => Ok(y),
+        }
+    }
+
+    /// The LoRA update `dropout(x) Aᵀ · scale · Bᵀ` of target `t` in layer `li`, shaped like
+    /// the projection's output (None where no adapter sits).
+    fn lora_delta(
+        &self,
+        li: usize,
+        t: Target,
+        x: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Option<Tensor>> {
         let Some(lora) = self.lora.get(li, t) else {
-            return Ok(y);
+            return Ok(None);
         };
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap();
         let n = x.elem_count() / k;
         let mut x2 = x.contiguous()?.reshape((n, k))?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = lora.b.dim(0)?;
+        if !mode.grad() && ops::fused_infer_ok(x.dtype(), x.device()) {
+            // A and B are laid out like frozen weights (out × in), so both products run on the
+            // inference kernels instead of gemm calls on transposed views.
+            let a = lora.a.as_tensor().to_dtype(x.dtype())?;
+            let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
+            let t = (ops::frozen_linear_infer(&x2, &a, None)? * lora.scale)?;
+            let d = ops::frozen_linear_infer(&t, &bm, None)?;
+            return Ok(Some(d.reshape(out)?));
+        }
         if let Mode::Train(rng) = mode {
             if lora.dropout > 0.0 {
                 let keep = 1.0 - lora.dropout;
@@ -441,9 +467,7 @@ impl Backbone {
         let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
         // Scale the rank-r product, not the full-width one: same result, a smaller saved tensor.
         let delta = (x2.matmul(&a.t()?)? * lora.scale)?.matmul(&bm.t()?)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = w.dim(0)?;
-        y + delta.reshape(out)?
+        Ok(Some(delta.reshape(out)?))
     }
 
     /// One decoder block in `Mode::Infer` on f32 CPU tensors: fused q/k/v and gate/up matmuls,
@@ -469,18 +493,28 @@ impl Backbone {
         let mode = &mut Mode::Infer;
 
         let h = self.norm(x, &w.input_layernorm, mode)?;
-        let qkv = match (
-            &w.qkv_proj,
-            self.lora_on(li, &[Target::Q, Target::K, Target::V]),
-        ) {
-            (Some(wqkv), false) => {
-                let y = ops::frozen_linear_infer(&h, wqkv, None)?;
-                match &w.qkv_bias {
+        // The fused product serves LoRA'd projections too: their updates are added to their
+        // columns afterwards (one pass over the weights instead of three).
+        let qkv = match &w.qkv_proj {
+            Some(wqkv) => {
+                let y = ops::frozen_linear_packed(&h, wqkv, &w.packed.qkv)?;
+                let mut y = match &w.qkv_bias {
                     Some(b) => ops::add_infer(&y, b)?,
                     None => y,
+                };
+                let (nq, nk) = (w.q_proj.dim(0)?, w.k_proj.dim(0)?);
+                let mut deltas = vec![];
+                for (t, col) in [(Target::Q, 0), (Target::K, nq), (Target::V, nq + nk)] {
+                    if let Some(d) = self.lora_delta(li, t, &h, mode)? {
+                        deltas.push((d, col));
+                    }
                 }
+                if !deltas.is_empty() {
+                    y = ops::add_cols_infer(&y, &deltas)?;
+                }
+                y
             }
-            _ => {
+            None => {
                 let q = self.proj_infer(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref())?;
                 let k = self.proj_infer(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref())?;
                 let v = self.proj_infer(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref())?;
@@ -515,28 +549,50 @@ impl Backbone {
             Some(p) => p.pack(&attn)?,
             None => attn,
         };
-        let o = self.proj_infer(li, Target::O, &attn, &w.o_proj, None)?;
+        let o = self.proj_packed(li, Target::O, &attn, &w.o_proj, &w.packed.o)?;
         let x = ops::add_infer(x, &o)?;
 
         let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
-        let gate_up = match (
-            &w.gate_up_proj,
-            self.lora_on(li, &[Target::Gate, Target::Up]),
-        ) {
-            (Some(wgu), false) => ops::frozen_linear_infer(&h, wgu, None)?,
-            _ => {
+        let gate_up = match &w.gate_up_proj {
+            Some(wgu) => {
+                let mut y = ops::frozen_linear_packed(&h, wgu, &w.packed.gate_up)?;
+                let ng = w.gate_proj.dim(0)?;
+                let mut deltas = vec![];
+                for (t, col) in [(Target::Gate, 0), (Target::Up, ng)] {
+                    if let Some(d) = self.lora_delta(li, t, &h, mode)? {
+                        deltas.push((d, col));
+                    }
+                }
+                if !deltas.is_empty() {
+                    y = ops::add_cols_infer(&y, &deltas)?;
+                }
+                y
+            }
+            None => {
                 let gate = self.proj_infer(li, Target::Gate, &h, &w.gate_proj, None)?;
                 let up = self.proj_infer(li, Target::Up, &h, &w.up_proj, None)?;
                 Tensor::cat(&[gate, up], D::Minus1)?
             }
         };
         let act = ops::silu_mul_infer(&gate_up)?;
-        let down = self.proj_infer(li, Target::Down, &act, &w.down_proj, None)?;
+        let down = self.proj_packed(li, Target::Down, &act, &w.down_proj, &w.packed.down)?;
         ops::add_infer(&x, &down)
     }
 
-    fn lora_on(&self, li: usize, targets: &[Target]) -> bool {
-        targets.iter().any(|&t| self.lora.get(li, t).is_some())
+    /// [`Backbone::proj`] for `Mode::Infer` by the packed copy of `w` in `cell` (for many rows).
+    fn proj_packed(
+        &self,
+        li: usize,
+        t: Target,
+        x: &Tensor,
+        w: &Tensor,
+        cell: &std::sync::OnceLock<crate::backbone::packed::PackedWeight>,
+    ) -> candle_core::Result<Tensor> {
+        let y = ops::frozen_linear_packed(x, w, cell)?;
+        match self.lora_delta(li, t, x, &mut Mode::Infer)? {
+            Some(d) => ops::add_infer(&y, &d),
+            None => Ok(y),
+        }
     }
 
     /// [`Backbone::proj`] for `Mode::Infer`, adding the bias with the fused kernel.

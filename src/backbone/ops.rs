@@ -7,6 +7,8 @@
 //! and gigabytes of memory.
 
 use candle_core::backend::BackendStorage;
+
+use super::packed::PackedWeight;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
@@ -199,6 +201,145 @@ fn frozen_linear_with(
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(0)?;
     y.reshape(out)
+}
+
+/// [`frozen_linear_infer`] by the panel-packed copy of `w` in `cell` (made on first use) when
+/// there are more rows than the weight-streaming kernel handles well and the tensors are f32 on
+/// the CPU. Inference only: no backward pass.
+pub fn frozen_linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    cell: &std::sync::OnceLock<PackedWeight>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("frozen_linear on a scalar");
+    let n = x.elem_count() / k.max(1);
+    if n <= SMALL_ROWS_INFER || !fused_infer_ok(x.dtype(), x.device()) || w.dtype() != DType::F32 {
+        return frozen_linear_infer(x, w, None);
+    }
+    let (m, k2) = w.dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen_linear: input has {k} features, weight expects {k2}");
+    }
+    let packed = match cell.get() {
+        Some(p) => p,
+        None => {
+            let v = w.flatten_all()?.to_vec1::<f32>()?;
+            // Two threads racing here both pack; one result is kept. Same values either way.
+            let _ = cell.set(PackedWeight::pack(&v, m, k));
+            cell.get().expect("just set")
+        }
+    };
+    let y = x
+        .contiguous()?
+        .reshape((n, k))?
+        .apply_op1_no_bwd(&PackedMatmul(packed))?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = m;
+    y.reshape(out)
+}
+
+struct PackedMatmul<'a>(&'a PackedWeight);
+
+impl CustomOp1 for PackedMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "packed-matmul")?;
+        let (n, _) = l.shape().dims2()?;
+        let y = self.0.matmul(x, n);
+        Ok((CpuStorage::F32(y), Shape::from((n, self.0.out_features()))))
+    }
+}
+
+/// `y` with each `(delta, col)` (delta … × w) added to its columns `col..col + w`, in one pass
+/// per pair of deltas (every other column is copied). Inference only (f32, CPU): how LoRA updates
+/// land in a fused q/k/v or gate/up product.
+pub fn add_cols_infer(y: &Tensor, deltas: &[(Tensor, usize)]) -> Result<Tensor> {
+    let mut y = y.contiguous()?;
+    for pair in deltas.chunks(2) {
+        let d0 = pair[0].0.contiguous()?;
+        y = match pair.get(1) {
+            Some((d1, c1)) => {
+                y.apply_op3_no_bwd(&d0, &d1.contiguous()?, &AddCols(vec![pair[0].1, *c1]))?
+            }
+            None => y.apply_op2_no_bwd(&d0, &AddCols(vec![pair[0].1]))?,
+        };
+    }
+    Ok(y)
+}
+
+/// Column offsets of the deltas [`add_cols_infer`] adds.
+struct AddCols(Vec<usize>);
+
+impl AddCols {
+    fn run(
+        &self,
+        y: (&CpuStorage, &Layout),
+        deltas: &[(&CpuStorage, &Layout)],
+    ) -> Result<(CpuStorage, Shape)> {
+        let (ys, yl) = y;
+        let src = contiguous_f32(ys, yl, "add-cols")?;
+        let m = *yl.dims().last().unwrap_or(&0);
+        let rows = src.len().checked_div(m).unwrap_or(0);
+        let mut out = src.to_vec();
+        for (&col, &(ds, dl)) in self.0.iter().zip(deltas) {
+            let d = contiguous_f32(ds, dl, "add-cols")?;
+            let w = *dl.dims().last().unwrap_or(&0);
+            if col + w > m || d.len() != rows * w {
+                candle_core::bail!(
+                    "add-cols: {:?} cannot take {:?} at column {col}",
+                    yl.dims(),
+                    dl.dims()
+                );
+            }
+            if w == 0 {
+                continue;
+            }
+            for (o, dr) in out.chunks_exact_mut(m).zip(d.chunks_exact(w)) {
+                for (a, b) in o[col..col + w].iter_mut().zip(dr) {
+                    *a += b;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+impl CustomOp2 for AddCols {
+    fn name(&self) -> &'static str {
+        "add-cols"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), &[(s2, l2)])
+    }
+}
+
+impl CustomOp3 for AddCols {
+    fn name(&self) -> &'static str {
+        "add-cols"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), &[(s2, l2), (s3, l3)])
+    }
 }
 
 /// A value computed by a fused kernel (which has no backward pass) attached to the graph of `x`
@@ -1353,5 +1494,41 @@ pub(crate) mod kernels {
                 assert!((g - w).abs() <= 2e-7 * w, "{g} vs {w}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn add_cols_adds_each_delta_to_its_columns_only() {
+        let dev = Device::Cpu;
+        let y = Tensor::arange(0f32, 14.0, &dev)
+            .unwrap()
+            .reshape((2, 7))
+            .unwrap();
+        let d = |w: usize, v: f32| Tensor::full(v, (2, w), &dev).unwrap();
+        // One, two (one pass) and three (two passes) deltas.
+        let one = add_cols_infer(&y, &[(d(2, 100.0), 1)]).unwrap();
+        assert_eq!(
+            one.to_vec2::<f32>().unwrap(),
+            [
+                [0., 101., 102., 3., 4., 5., 6.],
+                [7., 108., 109., 10., 11., 12., 13.]
+            ]
+        );
+        let three =
+            add_cols_infer(&y, &[(d(1, 1.0), 0), (d(3, 10.0), 2), (d(2, 100.0), 5)]).unwrap();
+        assert_eq!(
+            three.to_vec2::<f32>().unwrap(),
+            [
+                [1., 1., 12., 13., 14., 105., 106.],
+                [8., 8., 19., 20., 21., 112., 113.]
+            ]
+        );
+        // A delta that does not fit is an error, not a write past the row.
+        assert!(add_cols_infer(&y, &[(d(3, 1.0), 5)]).is_err());
     }
 }

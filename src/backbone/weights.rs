@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, Config};
+use super::packed::PackedWeight;
 use super::BackboneError;
 
 /// One decoder block's frozen tensors, in Hugging Face layout (out × in).
@@ -33,6 +34,18 @@ pub struct LayerWeights {
     pub qkv_bias: Option<Tensor>,
     /// `[gate; up]` stacked by rows; `gate_proj` and `up_proj` are then views into it.
     pub gate_up_proj: Option<Tensor>,
+    /// Panel-packed copies for many-row inference matmuls, made on first use (inference only:
+    /// training never pays their memory).
+    pub packed: PackedLayer,
+}
+
+/// [`PackedWeight`]s of one block's fused q/k/v, o, fused gate/up and down matrices.
+#[derive(Debug, Default)]
+pub struct PackedLayer {
+    pub qkv: OnceLock<PackedWeight>,
+    pub o: OnceLock<PackedWeight>,
+    pub gate_up: OnceLock<PackedWeight>,
+    pub down: OnceLock<PackedWeight>,
 }
 
 impl LayerWeights {
@@ -188,6 +201,7 @@ impl BaseWeights {
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,
+                packed: Default::default(),
             });
         }
         let norm = load("output_norm.weight")?;
@@ -263,6 +277,7 @@ impl BaseWeights {
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,
+                packed: Default::default(),
             });
         }
         let norm = load("model.norm.weight")?;
@@ -439,6 +454,7 @@ impl BaseWeights {
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,
+                packed: Default::default(),
             });
         }
         let norm = (t(&[d], 0.2)? + 1.0)?;
