@@ -1119,6 +1119,236 @@ pub(crate) mod kernels {
             }
         }
 
+        /// [`super::head_body`] for many query rows at once (a prefill, a weaver chunk): the
+        /// scores are a small GEMM of 6 queries × 16 keys per register tile against the keys
+        /// transposed once per task, and P·V another of 4 queries × 16 dims, so each key and
+        /// value row is loaded once per block of queries instead of once per query (one query at
+        /// a time is bound by reading K and V from L2). Needs `hd % 16 == 0`.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn head_many(
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            d: &super::AttnDims,
+            mask: &[u8],
+            bi: usize,
+            h: usize,
+            y: *mut f32,
+        ) {
+            const GQ: usize = 6;
+            const KB: usize = 16;
+            let hd = d.hd;
+            let g = h / d.rep;
+            // As the reference: (q·k) · (1/√hd) with the scale applied in f32.
+            let scale = (1.0 / (hd as f64).sqrt()) as f32;
+            let kbase = bi * d.ks[0] + g * d.ks[1];
+            let vbase = bi * d.vs[0] + g * d.vs[1];
+            // Padding queries (see head_body) are skipped and their outputs left at 0.
+            let real: Vec<usize> = (0..d.l)
+                .filter(|&i| !(d.past + i < d.t && mask[d.past + i] == 0))
+                .collect();
+            let Some(&last) = real.last() else {
+                return;
+            };
+            let tmax = (d.past + last + 1).min(d.t);
+            let tpad = tmax.next_multiple_of(KB);
+            // Keys transposed into tiles of 16: kt[(tile · hd + c) · 16 + j % 16] = k[j][c], so a
+            // score tile reads one contiguous 4 KB block. Transposed 8 × 8 in registers.
+            let mut kt = vec![0f32; hd * tpad];
+            for j0 in (0..tpad).step_by(8) {
+                let tile = kt.as_mut_ptr().add((j0 / KB) * hd * KB + j0 % KB);
+                let full = j0 + 8 <= tmax;
+                for c0 in (0..hd).step_by(8) {
+                    let mut rows = [_mm256_setzero_ps(); 8];
+                    for (r, row) in rows.iter_mut().enumerate() {
+                        let j = j0 + r;
+                        if full || j < tmax {
+                            *row = _mm256_loadu_ps(k.as_ptr().add(kbase + j * d.ks[2] + c0));
+                        }
+                    }
+                    let cols = transpose8(rows);
+                    for (c, col) in cols.iter().enumerate() {
+                        _mm256_storeu_ps(tile.add((c0 + c) * KB), *col);
+                    }
+                }
+            }
+            // 0 for a key that may be attended to, −∞ for a padding key.
+            let kbias: Vec<f32> = (0..tpad)
+                .map(|j| {
+                    if j < d.t && mask[j] != 0 {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mut sc = vec![0f32; GQ * tpad];
+            let mut qb = vec![0f32; GQ * hd];
+            for blk in real.chunks(GQ) {
+                let nq = blk.len();
+                for (r, &i) in blk.iter().enumerate() {
+                    let qo = (bi * d.l + i) * d.w + h * hd;
+                    qb[r * hd..(r + 1) * hd].copy_from_slice(&q[qo..qo + hd]);
+                }
+                let bl = (d.past + blk[nq - 1] + 1).min(d.t);
+                let blp = bl.next_multiple_of(KB);
+                for j0 in (0..blp).step_by(KB) {
+                    macro_rules! go {
+                        ($($r:literal)*) => {
+                            match nq {
+                                $($r => score_tile::<$r>(
+                                    qb.as_ptr(),
+                                    hd,
+                                    kt.as_ptr().add(j0 * hd),
+                                    sc.as_mut_ptr().add(j0),
+                                    tpad,
+                                ),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    go!(1 2 3 4 5 6)
+                }
+                let mut limits = [0usize; GQ];
+                let mut inv = [0f32; GQ];
+                for (r, &i) in blk.iter().enumerate() {
+                    let limit = (d.past + i + 1).min(d.t);
+                    limits[r] = limit;
+                    let row = &mut sc[r * tpad..r * tpad + blp];
+                    // Scale, mask (bias −∞) and running max, eight at a time.
+                    let (sv, l8) = (_mm256_set1_ps(scale), limit / 8 * 8);
+                    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+                    for j in (0..l8).step_by(8) {
+                        let x = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(row.as_ptr().add(j)),
+                            sv,
+                            _mm256_loadu_ps(kbias.as_ptr().add(j)),
+                        );
+                        _mm256_storeu_ps(row.as_mut_ptr().add(j), x);
+                        mv = _mm256_max_ps(mv, x);
+                    }
+                    let mut max = hmax(mv);
+                    for j in l8..limit {
+                        row[j] = row[j] * scale + kbias[j];
+                        max = max.max(row[j]);
+                    }
+                    if max == f32::NEG_INFINITY {
+                        // Unreachable for a real query (it sees itself); kept as head_body has it.
+                        let yo = (bi * d.l + i) * d.heads * hd + h * hd;
+                        let pj = 1.0 / d.t as f32;
+                        for j in 0..d.t {
+                            let vr = &v[vbase + j * d.vs[2]..vbase + j * d.vs[2] + hd];
+                            for (c, &x) in vr.iter().enumerate() {
+                                *y.add(yo + c) += pj * x;
+                            }
+                        }
+                        row.iter_mut().for_each(|x| *x = 0.0);
+                        limits[r] = 0;
+                        continue;
+                    }
+                    exp_shifted(&mut row[..limit], max);
+                    let mut acc = _mm256_setzero_ps();
+                    for j in (0..l8).step_by(8) {
+                        acc = _mm256_add_ps(acc, _mm256_loadu_ps(row.as_ptr().add(j)));
+                    }
+                    let mut sum = hsum(acc);
+                    for &e in &row[l8..limit] {
+                        sum += e;
+                    }
+                    // Normalised on the output (hd values) instead of on every probability.
+                    inv[r] = 1.0 / sum;
+                    row[limit..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                for r0 in (0..nq).step_by(4) {
+                    let go = (nq - r0).min(4);
+                    let keys = limits[r0..r0 + go].iter().copied().max().unwrap_or(0);
+                    for c0 in (0..hd).step_by(16) {
+                        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                        for j in 0..keys {
+                            let vr = v.as_ptr().add(vbase + j * d.vs[2] + c0);
+                            let v0 = _mm256_loadu_ps(vr);
+                            let v1 = _mm256_loadu_ps(vr.add(8));
+                            for (r, ar) in acc.iter_mut().enumerate().take(go) {
+                                let p = _mm256_broadcast_ss(&sc[(r0 + r) * tpad + j]);
+                                ar[0] = _mm256_fmadd_ps(p, v0, ar[0]);
+                                ar[1] = _mm256_fmadd_ps(p, v1, ar[1]);
+                            }
+                        }
+                        for (r, ar) in acc.iter().enumerate().take(go) {
+                            if limits[r0 + r] == 0 {
+                                continue;
+                            }
+                            let i = blk[r0 + r];
+                            let yo = (bi * d.l + i) * d.heads * hd + h * hd + c0;
+                            let s = _mm256_set1_ps(inv[r0 + r]);
+                            _mm256_storeu_ps(y.add(yo), _mm256_mul_ps(ar[0], s));
+                            _mm256_storeu_ps(y.add(yo + 8), _mm256_mul_ps(ar[1], s));
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Scores of R queries (rows of `qb`, `hd` wide) against one tile of 16 transposed keys
+        /// (`kt`: hd × 16); row r of the result goes to `out + r · ld`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn score_tile<const R: usize>(
+            qb: *const f32,
+            hd: usize,
+            kt: *const f32,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for c in 0..hd {
+                let k0 = _mm256_loadu_ps(kt.add(c * 16));
+                let k1 = _mm256_loadu_ps(kt.add(c * 16 + 8));
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let a = _mm256_broadcast_ss(&*qb.add(r * hd + c));
+                    ar[0] = _mm256_fmadd_ps(a, k0, ar[0]);
+                    ar[1] = _mm256_fmadd_ps(a, k1, ar[1]);
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * ld), ar[0]);
+                _mm256_storeu_ps(out.add(r * ld + 8), ar[1]);
+            }
+        }
+
+        /// The 8 × 8 transpose of `rows`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ]
+        }
+
         /// `p[j] = exp(p[j] − shift)`, eight at a time; −∞ (and anything below −87.3) gives 0.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) {
@@ -1170,6 +1400,14 @@ pub(crate) mod kernels {
             let v = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
             // Below the clamp (−∞: masked positions) the answer is exactly 0.
             _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), v)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hmax(a: __m256) -> f32 {
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)))
         }
 
         #[inline]
@@ -1238,6 +1476,10 @@ pub(crate) mod kernels {
         pub vs: [usize; 3],
     }
 
+    /// From this many query rows per task on, attention runs blocked over queries
+    /// ([`avx::head_many`]); decoding (1 row) keeps the one-query kernels.
+    pub const MANY_QUERIES: usize = 8;
+
     pub fn attention(q: &[f32], k: &[f32], v: &[f32], d: &AttnDims, mask: &[Vec<u8>]) -> Vec<f32> {
         let width = d.heads * d.hd;
         let mut y = vec![0f32; d.b * d.l * width];
@@ -1288,6 +1530,9 @@ pub(crate) mod kernels {
         h: usize,
         y: *mut f32,
     ) {
+        if d.l >= MANY_QUERIES && d.hd.is_multiple_of(16) {
+            return avx::head_many(q, k, v, d, mask, bi, h, y);
+        }
         if d.hd == 64 {
             return avx::head64(q, k, v, d, mask, bi, h, y);
         }
@@ -1442,6 +1687,92 @@ pub(crate) mod kernels {
                         );
                     }
                     assert!(fast.iter().any(|&x| x != 0.0));
+                }
+            }
+        }
+
+        #[test]
+        fn head_many_matches_the_generic_head() {
+            if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+                return;
+            }
+            let mut seed = 7u64;
+            let mut rnd = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            };
+            // Query blocks of 6 with ragged tails, key counts off the 16-key tiles, with and
+            // without a cache, head widths 16, 64 and 128; padding keys inside the cache, padding
+            // queries among the new rows (a masked latent slot) and a left-padded row.
+            for (l, past, hd) in [
+                (8, 0, 64),
+                (13, 5, 64),
+                (20, 37, 16),
+                (9, 3, 128),
+                (31, 0, 64),
+            ] {
+                let (b, heads, kvh) = (2, 4, 2);
+                let t = past + l;
+                let w = heads * hd;
+                let q = rnd(b * l * w);
+                let k = rnd(b * kvh * t * hd);
+                let v = rnd(b * kvh * t * hd);
+                let d = super::AttnDims {
+                    b,
+                    l,
+                    t,
+                    w,
+                    heads,
+                    rep: heads / kvh,
+                    hd,
+                    past,
+                    ks: [kvh * t * hd, t * hd, hd],
+                    vs: [kvh * t * hd, t * hd, hd],
+                };
+                let row0: Vec<u8> = (0..t).map(|j| u8::from(j % 5 != 1 || j == t - 1)).collect();
+                let row1: Vec<u8> = (0..t).map(|j| u8::from(j >= past + 2)).collect();
+                for (bi, row_mask) in [row0, row1].iter().enumerate() {
+                    for h in 0..heads {
+                        let mut fast = vec![0f32; b * l * w];
+                        let mut slow = vec![0f32; b * l * w];
+                        // SAFETY: the CPU has AVX2 and FMA; the buffers have the sizes `d` gives.
+                        unsafe {
+                            super::avx::head_many(
+                                &q,
+                                &k,
+                                &v,
+                                &d,
+                                row_mask,
+                                bi,
+                                h,
+                                fast.as_mut_ptr(),
+                            );
+                            super::head_body(
+                                &q,
+                                &k,
+                                &v,
+                                &d,
+                                row_mask,
+                                bi,
+                                h,
+                                slow.as_mut_ptr(),
+                                super::exp_shifted,
+                            );
+                        }
+                        for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                            assert!(
+                                (f - s).abs() < 1e-5,
+                                "l {l} past {past} hd {hd}, row {bi} head {h} elem {i}: {f} vs {s}"
+                            );
+                        }
+                        assert!(fast.iter().any(|&x| x != 0.0));
+                    }
                 }
             }
         }
