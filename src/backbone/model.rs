@@ -438,15 +438,6 @@ impl Backbone {
         let mut x2 = x.contiguous()?.reshape((n, k))?;
         let mut out = dims;
         *out.last_mut().unwrap() = lora.b.dim(0)?;
-        if !mode.grad() && ops::fused_infer_ok(x.dtype(), x.device()) {
-            // A and B are laid out like frozen weights (out × in), so both products run on the
-            // inference kernels instead of gemm calls on transposed views.
-            let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-            let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
-            let t = (ops::frozen_linear_infer(&x2, &a, None)? * lora.scale)?;
-            let d = ops::frozen_linear_infer(&t, &bm, None)?;
-            return Ok(Some(d.reshape(out)?));
-        }
         if let Mode::Train(rng) = mode {
             if lora.dropout > 0.0 {
                 let keep = 1.0 - lora.dropout;
@@ -498,21 +489,17 @@ impl Backbone {
         let qkv = match &w.qkv_proj {
             Some(wqkv) => {
                 let y = ops::frozen_linear_packed(&h, wqkv, &w.packed.qkv)?;
-                let mut y = match &w.qkv_bias {
+                let y = match &w.qkv_bias {
                     Some(b) => ops::add_infer(&y, b)?,
                     None => y,
                 };
                 let (nq, nk) = (w.q_proj.dim(0)?, w.k_proj.dim(0)?);
-                let mut deltas = vec![];
-                for (t, col) in [(Target::Q, 0), (Target::K, nq), (Target::V, nq + nk)] {
-                    if let Some(d) = self.lora_delta(li, t, &h, mode)? {
-                        deltas.push((d, col));
-                    }
-                }
-                if !deltas.is_empty() {
-                    y = ops::add_cols_infer(&y, &deltas)?;
-                }
-                y
+                self.add_lora_infer(
+                    li,
+                    y,
+                    &h,
+                    &[(Target::Q, 0), (Target::K, nq), (Target::V, nq + nk)],
+                )?
             }
             None => {
                 let q = self.proj_infer(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref())?;
@@ -555,18 +542,9 @@ impl Backbone {
         let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
         let gate_up = match &w.gate_up_proj {
             Some(wgu) => {
-                let mut y = ops::frozen_linear_packed(&h, wgu, &w.packed.gate_up)?;
+                let y = ops::frozen_linear_packed(&h, wgu, &w.packed.gate_up)?;
                 let ng = w.gate_proj.dim(0)?;
-                let mut deltas = vec![];
-                for (t, col) in [(Target::Gate, 0), (Target::Up, ng)] {
-                    if let Some(d) = self.lora_delta(li, t, &h, mode)? {
-                        deltas.push((d, col));
-                    }
-                }
-                if !deltas.is_empty() {
-                    y = ops::add_cols_infer(&y, &deltas)?;
-                }
-                y
+                self.add_lora_infer(li, y, &h, &[(Target::Gate, 0), (Target::Up, ng)])?
             }
             None => {
                 let gate = self.proj_infer(li, Target::Gate, &h, &w.gate_proj, None)?;
@@ -589,10 +567,30 @@ impl Backbone {
         cell: &std::sync::OnceLock<crate::backbone::packed::PackedWeight>,
     ) -> candle_core::Result<Tensor> {
         let y = ops::frozen_linear_packed(x, w, cell)?;
-        match self.lora_delta(li, t, x, &mut Mode::Infer)? {
-            Some(d) => ops::add_infer(&y, &d),
-            None => Ok(y),
-        }
+        self.add_lora_infer(li, y, x, &[(t, 0)])
+    }
+
+    /// `y` plus the updates of the adapters on `targets` (each at its column in `y`), computed
+    /// from the projections' input `x`. Inference only.
+    fn add_lora_infer(
+        &self,
+        li: usize,
+        y: Tensor,
+        x: &Tensor,
+        targets: &[(Target, usize)],
+    ) -> candle_core::Result<Tensor> {
+        let updates: Vec<ops::LoraUpdate> = targets
+            .iter()
+            .filter_map(|&(t, col)| {
+                self.lora.get(li, t).map(|l| ops::LoraUpdate {
+                    a: l.a.as_tensor(),
+                    b: l.b.as_tensor(),
+                    scale: l.scale as f32,
+                    col,
+                })
+            })
+            .collect();
+        ops::lora_add_infer(&y, x, &updates)
     }
 
     /// [`Backbone::proj`] for `Mode::Infer`, adding the bias with the fused kernel.

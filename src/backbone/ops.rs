@@ -254,91 +254,133 @@ impl CustomOp1 for PackedMatmul<'_> {
     }
 }
 
-/// `y` with each `(delta, col)` (delta … × w) added to its columns `col..col + w`, in one pass
-/// per pair of deltas (every other column is copied). Inference only (f32, CPU): how LoRA updates
-/// land in a fused q/k/v or gate/up product.
-pub fn add_cols_infer(y: &Tensor, deltas: &[(Tensor, usize)]) -> Result<Tensor> {
-    let mut y = y.contiguous()?;
-    for pair in deltas.chunks(2) {
-        let d0 = pair[0].0.contiguous()?;
-        y = match pair.get(1) {
-            Some((d1, c1)) => {
-                y.apply_op3_no_bwd(&d0, &d1.contiguous()?, &AddCols(vec![pair[0].1, *c1]))?
-            }
-            None => y.apply_op2_no_bwd(&d0, &AddCols(vec![pair[0].1]))?,
-        };
-    }
-    Ok(y)
+/// One LoRA adapter's update for [`lora_add_infer`]: `x Aᵀ · scale · Bᵀ` lands in the output's
+/// columns `col..col + B.rows`.
+pub struct LoraUpdate<'a> {
+    /// r × in
+    pub a: &'a Tensor,
+    /// out × r
+    pub b: &'a Tensor,
+    pub scale: f32,
+    pub col: usize,
 }
 
-/// Column offsets of the deltas [`add_cols_infer`] adds.
-struct AddCols(Vec<usize>);
+/// `y` (n × m) plus each adapter's update computed from `x` (n × in), in one pass per row and one
+/// allocation: inference's LoRA (f32, CPU, no graph). Per row, the rank-r product `x Aᵀ` is taken
+/// once and scaled, then multiplied into the adapter's columns — the order of the graph path.
+pub fn lora_add_infer(y: &Tensor, x: &Tensor, updates: &[LoraUpdate]) -> Result<Tensor> {
+    if updates.is_empty() {
+        return Ok(y.clone());
+    }
+    let m = y.dim(D::Minus1)?;
+    let k = x.dim(D::Minus1)?;
+    let n = y.elem_count() / m.max(1);
+    if x.elem_count() != n * k {
+        candle_core::bail!("lora-add: {:?} rows do not match {:?}", x.dims(), y.dims());
+    }
+    for u in updates {
+        let (r, ka) = u.a.dims2()?;
+        let (w, rb) = u.b.dims2()?;
+        if ka != k || rb != r || u.col + w > m {
+            candle_core::bail!(
+                "lora-add: A {:?} and B {:?} at column {} do not fit x {:?} and y {:?}",
+                u.a.dims(),
+                u.b.dims(),
+                u.col,
+                x.dims(),
+                y.dims()
+            );
+        }
+    }
+    let shape = y.shape().clone();
+    let y2 = y.contiguous()?.reshape((n, m))?;
+    let x2 = x.contiguous()?.reshape((n, k))?;
+    let a: Vec<Tensor> = updates
+        .iter()
+        .map(|u| u.a.contiguous())
+        .collect::<Result<_>>()?;
+    let b: Vec<Tensor> = updates
+        .iter()
+        .map(|u| u.b.contiguous())
+        .collect::<Result<_>>()?;
+    let op = LoraAdd {
+        a: &a,
+        b: &b,
+        scale: updates.iter().map(|u| u.scale).collect(),
+        col: updates.iter().map(|u| u.col).collect(),
+    };
+    y2.apply_op2_no_bwd(&x2, &op)?.reshape(shape)
+}
 
-impl AddCols {
-    fn run(
+struct LoraAdd<'a> {
+    a: &'a [Tensor],
+    b: &'a [Tensor],
+    scale: Vec<f32>,
+    col: Vec<usize>,
+}
+
+impl CustomOp2 for LoraAdd<'_> {
+    fn name(&self) -> &'static str {
+        "lora-add"
+    }
+
+    fn cpu_fwd(
         &self,
-        y: (&CpuStorage, &Layout),
-        deltas: &[(&CpuStorage, &Layout)],
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (ys, yl) = y;
-        let src = contiguous_f32(ys, yl, "add-cols")?;
-        let m = *yl.dims().last().unwrap_or(&0);
-        let rows = src.len().checked_div(m).unwrap_or(0);
-        let mut out = src.to_vec();
-        for (&col, &(ds, dl)) in self.0.iter().zip(deltas) {
-            let d = contiguous_f32(ds, dl, "add-cols")?;
-            let w = *dl.dims().last().unwrap_or(&0);
-            if col + w > m || d.len() != rows * w {
-                candle_core::bail!(
-                    "add-cols: {:?} cannot take {:?} at column {col}",
-                    yl.dims(),
-                    dl.dims()
-                );
-            }
-            if w == 0 {
-                continue;
-            }
-            for (o, dr) in out.chunks_exact_mut(m).zip(d.chunks_exact(w)) {
-                for (a, b) in o[col..col + w].iter_mut().zip(dr) {
-                    *a += b;
+        let y = contiguous_f32(s1, l1, "lora-add y")?;
+        let x = contiguous_f32(s2, l2, "lora-add x")?;
+        let (n, m) = l1.shape().dims2()?;
+        let k = l2.shape().dims2()?.1;
+        // The adapters' weights, read in place.
+        let guards: Vec<_> = self
+            .a
+            .iter()
+            .zip(self.b)
+            .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()))
+            .collect();
+        let mut ab: Vec<(&[f32], &[f32], usize, usize)> = vec![];
+        for ((ga, gb), (a, b)) in guards.iter().zip(self.a.iter().zip(self.b)) {
+            let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*ga.0, &*gb.0) else {
+                candle_core::bail!("lora-add: adapters must be on the CPU");
+            };
+            let (r, _) = a.dims2()?;
+            let (w, _) = b.dims2()?;
+            ab.push((
+                contiguous_f32(sa, ga.1, "lora-add A")?,
+                contiguous_f32(sb, gb.1, "lora-add B")?,
+                r,
+                w,
+            ));
+        }
+        let mut out = y.to_vec();
+        let rank = ab.iter().map(|u| u.2).max().unwrap_or(0);
+        let row = |i: usize, o: &mut [f32]| {
+            let xi = &x[i * k..(i + 1) * k];
+            let mut t = vec![0f32; rank];
+            for (u, &(a, b, r, w)) in ab.iter().enumerate() {
+                for (j, tj) in t[..r].iter_mut().enumerate() {
+                    *tj = kernels::dot_slices(xi, &a[j * k..(j + 1) * k]) * self.scale[u];
+                }
+                let c0 = self.col[u];
+                for (c, oc) in o[c0..c0 + w].iter_mut().enumerate() {
+                    *oc += kernels::dot_slices(&t[..r], &b[c * r..(c + 1) * r]);
                 }
             }
+        };
+        let work = n * ab.iter().map(|u| u.2 * (k + u.3)).sum::<usize>();
+        if work >= kernels::PAR_WORK && kernels::threads() > 1 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(m)
+                .enumerate()
+                .for_each(|(i, o)| row(i, o));
+        } else {
+            out.chunks_mut(m).enumerate().for_each(|(i, o)| row(i, o));
         }
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
-    }
-}
-
-impl CustomOp2 for AddCols {
-    fn name(&self) -> &'static str {
-        "add-cols"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), &[(s2, l2)])
-    }
-}
-
-impl CustomOp3 for AddCols {
-    fn name(&self) -> &'static str {
-        "add-cols"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), &[(s2, l2), (s3, l3)])
+        Ok((CpuStorage::F32(out), Shape::from((n, m))))
     }
 }
 
@@ -906,6 +948,11 @@ pub(crate) mod kernels {
                 *y.add(i * m + j) = dot(&x[i * k..(i + 1) * k], wr);
             }
         }
+    }
+
+    /// `a · b` (equal lengths), eight lanes at a time.
+    pub fn dot_slices(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
     }
 
     #[inline(always)]
@@ -1834,32 +1881,65 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn add_cols_adds_each_delta_to_its_columns_only() {
+    fn lora_add_matches_the_two_products_in_each_adapters_columns() {
         let dev = Device::Cpu;
-        let y = Tensor::arange(0f32, 14.0, &dev)
+        let t = |v: Vec<f32>, r: usize, c: usize| Tensor::from_vec(v, (r, c), &dev).unwrap();
+        let seq = |n: usize, f: f32| (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) * f).collect();
+        let (n, k, m) = (3, 5, 9);
+        let y = t(seq(n * m, 0.5), n, m);
+        let x = t(seq(n * k, 0.3), n, k);
+        // Two adapters (ranks 2 and 3) on columns 1..5 and 6..8; columns 0, 5 stay as they are.
+        let (a1, b1) = (t(seq(2 * k, 0.2), 2, k), t(seq(4 * 2, 0.1), 4, 2));
+        let (a2, b2) = (t(seq(3 * k, 0.4), 3, k), t(seq(3 * 3, 0.25), 3, 3));
+        let got = lora_add_infer(
+            &y,
+            &x,
+            &[
+                LoraUpdate {
+                    a: &a1,
+                    b: &b1,
+                    scale: 2.0,
+                    col: 1,
+                },
+                LoraUpdate {
+                    a: &a2,
+                    b: &b2,
+                    scale: 0.5,
+                    col: 6,
+                },
+            ],
+        )
+        .unwrap();
+        let d1 = (x.matmul(&a1.t().unwrap()).unwrap() * 2.0)
             .unwrap()
-            .reshape((2, 7))
+            .matmul(&b1.t().unwrap())
             .unwrap();
-        let d = |w: usize, v: f32| Tensor::full(v, (2, w), &dev).unwrap();
-        // One, two (one pass) and three (two passes) deltas.
-        let one = add_cols_infer(&y, &[(d(2, 100.0), 1)]).unwrap();
-        assert_eq!(
-            one.to_vec2::<f32>().unwrap(),
-            [
-                [0., 101., 102., 3., 4., 5., 6.],
-                [7., 108., 109., 10., 11., 12., 13.]
-            ]
+        let d2 = (x.matmul(&a2.t().unwrap()).unwrap() * 0.5)
+            .unwrap()
+            .matmul(&b2.t().unwrap())
+            .unwrap();
+        let zero = |w: usize| Tensor::zeros((n, w), DType::F32, &dev).unwrap();
+        let want = (&y + Tensor::cat(&[zero(1), d1, zero(1), d2, zero(0)], 1).unwrap()).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        // An adapter that does not fit is an error, not a write past the row.
+        let bad = lora_add_infer(
+            &y,
+            &x,
+            &[LoraUpdate {
+                a: &a2,
+                b: &b2,
+                scale: 1.0,
+                col: 7,
+            }],
         );
-        let three =
-            add_cols_infer(&y, &[(d(1, 1.0), 0), (d(3, 10.0), 2), (d(2, 100.0), 5)]).unwrap();
-        assert_eq!(
-            three.to_vec2::<f32>().unwrap(),
-            [
-                [1., 1., 12., 13., 14., 105., 106.],
-                [8., 8., 19., 20., 21., 112., 113.]
-            ]
-        );
-        // A delta that does not fit is an error, not a write past the row.
-        assert!(add_cols_infer(&y, &[(d(3, 1.0), 5)]).is_err());
+        assert!(bad.is_err());
     }
 }
