@@ -198,3 +198,80 @@ fn multi_turn_records_the_conversation() {
             .join("\n")
     );
 }
+
+#[test]
+fn a_later_turn_reads_the_earlier_turns_memories_as_teacher_forcing_does() {
+    // Two turns, each with a prompt memory and up to two inference memories. Turn 2's prefill
+    // replays turn 1's latents, so under teacher forcing at the recorded points the greedy argmax
+    // at every sampled token of every turn is that token.
+    let m = model();
+    let env = SearchEnv::new(
+        Arc::new(Fixed),
+        EnvConfig {
+            max_turns: 2,
+            topk: 3,
+            use_information_tags: false,
+            truncate: Arc::new(|s: &str| s.to_string()),
+        },
+    );
+    let samples = vec![Sample {
+        id: "q".into(),
+        messages: vec![
+            Message::system(
+                "Search with <search> query </search>, or answer in <answer></answer>.",
+            ),
+            Message::user("Count: one, two, three, four, five. Then name a capital."),
+        ],
+        target: None,
+        gold: serde_json::json!({}),
+    }];
+    let opts = EpisodeOptions {
+        max_turns: 2,
+        max_prompt_aug_num: 8,
+        max_inference_aug_num: 4,
+        seed: 1,
+        decision_temperature: None,
+    };
+    let e = run_episodes(&m, &samples, Some(&env), &opts, &mut greedy(14))
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        e.turns.len(),
+        2,
+        "the fixed retriever keeps the episode going: {e:?}"
+    );
+    let out = m.teacher_forced(&[e.tf_row()], &mut Mode::Infer).unwrap();
+    let mut checked = 0;
+    for t in &e.turns {
+        // A turn cut at `</search>` is re-tokenised; check the turns kept as sampled.
+        if t.len + usize::from(t.stopped) != t.generated_tokens {
+            continue;
+        }
+        for i in t.start..t.start + t.len {
+            let h = out
+                .hidden
+                .get(0)
+                .unwrap()
+                .get(i - 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m.reasoner.logits(&h).unwrap().flatten_all().unwrap();
+            let logits = logits.to_vec1::<f32>().unwrap();
+            assert_eq!(
+                argmax(&logits),
+                e.tokens[i],
+                "turn at {}, token {i}",
+                t.start
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        e.turns[1].len + usize::from(e.turns[1].stopped) == e.turns[1].generated_tokens,
+        "the second turn should be kept as sampled: {e:?}"
+    );
+    assert!(checked > 14, "{checked}");
+    assert!(e.points.iter().filter(|p| p.kind == Kind::Prompt).count() == 2);
+}

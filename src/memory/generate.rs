@@ -47,11 +47,14 @@ pub struct Decision {
     pub logprob: f32,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct MemGenerated {
     pub tokens: Vec<u32>,
     pub stopped: bool,
     pub insertions: Vec<Insertion>,
+    /// The latents of each insertion (K × d_r, the reasoner's dtype), in the same order: a later
+    /// turn of the conversation reads them again (see [`MemGenModel::generate_with_replay`]).
+    pub latents: Vec<Tensor>,
     pub decisions: Vec<Decision>,
 }
 
@@ -157,6 +160,22 @@ impl MemGenModel {
         prompts: &[Vec<u32>],
         opts: &MemoryOptions,
         sampler: &mut Sampler,
+        on_token: impl FnMut(usize, u32),
+    ) -> anyhow::Result<Vec<MemGenerated>> {
+        let none = vec![vec![]; prompts.len()];
+        self.generate_with_replay(prompts, &none, opts, sampler, on_token)
+    }
+
+    /// [`MemGenModel::generate`] for prompts that already had memories (the earlier turns of a
+    /// conversation): `replay[r]` lists `(i, latents)`, latents (K × d_r) that went right before
+    /// `prompts[r][i]`, sorted by `i`. The reasoner and the weaver read them again in place, so a
+    /// later turn sees the stream a teacher-forced pass over the whole conversation sees.
+    pub fn generate_with_replay(
+        &self,
+        prompts: &[Vec<u32>],
+        replay: &[Vec<(usize, Tensor)>],
+        opts: &MemoryOptions,
+        sampler: &mut Sampler,
         mut on_token: impl FnMut(usize, u32),
     ) -> anyhow::Result<Vec<MemGenerated>> {
         let b = prompts.len();
@@ -166,15 +185,26 @@ impl MemGenModel {
         if prompts.iter().any(|p| p.is_empty()) {
             anyhow::bail!("cannot generate from an empty prompt");
         }
+        if replay.len() != b {
+            anyhow::bail!("{} replay lists for {b} prompts", replay.len());
+        }
         let dev = self.reasoner.device().clone();
         let d = self.reasoner.hidden_size();
         let pad = self.tokenizer.pad_id;
-        let (ids, mask) = left_pad(prompts, pad);
-        let pos = positions_from_mask(&mask, &vec![0; b]);
-        let e = self.reasoner.embed(&ids_tensor(&ids, &dev)?)?;
-        let mut n_real: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+        let (ids, tok_mask) = left_pad(prompts, pad);
+        let tok_pos = positions_from_mask(&tok_mask, &vec![0; b]);
+        let (e, mask, pos) = if replay.iter().all(Vec::is_empty) {
+            let e = self.reasoner.embed(&ids_tensor(&ids, &dev)?)?;
+            (e, tok_mask.clone(), tok_pos.clone())
+        } else {
+            self.replayed_prefill(prompts, replay)?
+        };
+        let mut n_real: Vec<u32> = mask
+            .iter()
+            .map(|m| m.iter().map(|&x| x as u32).sum())
+            .collect();
         // The trigger reads tokens only (no latents), so its positions count tokens.
-        let mut t_real = n_real.clone();
+        let mut t_real: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
         let mut rcache = self.reasoner.new_cache(b);
         let mut wcache = self.weaver.backbone.new_cache(b);
         let mut tcache = self.trigger.as_ref().map(|t| t.backbone.new_cache(b));
@@ -182,8 +212,8 @@ impl MemGenModel {
         pending.push(e.clone(), &mask, &pos);
         let mut tpend = PendingIds {
             ids: ids.clone(),
-            mask: mask.clone(),
-            pos: pos.clone(),
+            mask: tok_mask,
+            pos: tok_pos,
         };
         let mut out: Vec<MemGenerated> = vec![MemGenerated::default(); b];
 
@@ -202,11 +232,13 @@ impl MemGenModel {
                 .map(|&n| (n..n + k_p as u32).collect())
                 .collect();
             pending.push(lat.clone(), &lm, &lpos);
+            let lat_r = lat.to_dtype(e.dtype())?;
             for (r, o) in out.iter_mut().enumerate() {
                 o.insertions.push(Insertion {
                     token_index: 0,
                     kind: Kind::Prompt,
                 });
+                o.latents.push(lat_r.get(r)?);
                 n_real[r] += k_p as u32;
             }
             let x = Tensor::cat(&[e.clone(), lat.to_dtype(e.dtype())?], 1)?;
@@ -384,6 +416,7 @@ impl MemGenModel {
                     .reshape((b * w, d))?
                     .index_select(&Tensor::from_vec(idx, b, &dev)?, 0)?
                     .unsqueeze(1)?;
+                let lat_r = lat.to_dtype(self.reasoner.dtype())?;
                 for r in 0..b {
                     if insert[r] {
                         n_real[r] += k_i as u32;
@@ -392,6 +425,7 @@ impl MemGenModel {
                             token_index,
                             kind: Kind::Inference,
                         });
+                        out[r].latents.push(lat_r.get(r)?);
                     }
                 }
             } else {
@@ -405,6 +439,69 @@ impl MemGenModel {
             }
         }
         Ok(out)
+    }
+}
+
+impl MemGenModel {
+    /// The prefill of prompts with replayed memories: per row the token embeddings with each
+    /// replayed block of latents spliced in before its token, left-padded to a common length.
+    /// Returns (B × L × d, mask, positions); latents take positions like tokens.
+    fn replayed_prefill(
+        &self,
+        prompts: &[Vec<u32>],
+        replay: &[Vec<(usize, Tensor)>],
+    ) -> anyhow::Result<Chunk> {
+        let dev = self.reasoner.device().clone();
+        let d = self.reasoner.hidden_size();
+        let dtype = self.reasoner.dtype();
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (p, rep) in prompts.iter().zip(replay) {
+            let e = self
+                .reasoner
+                .embed(&Tensor::from_vec(p.clone(), (1, p.len()), &dev)?)?;
+            let mut pieces = vec![];
+            let mut prev = 0;
+            for (i, lat) in rep {
+                if *i < prev || *i > p.len() {
+                    anyhow::bail!(
+                        "replayed memory at token {i} of a {}-token prompt (after {prev})",
+                        p.len()
+                    );
+                }
+                let (k, dl) = lat.dims2()?;
+                if dl != d {
+                    anyhow::bail!("replayed latents are {k} × {dl}, the reasoner is {d} wide");
+                }
+                if *i > prev {
+                    pieces.push(e.narrow(1, prev, i - prev)?);
+                }
+                pieces.push(lat.to_dtype(dtype)?.unsqueeze(0)?);
+                prev = *i;
+            }
+            if prev < p.len() {
+                pieces.push(e.narrow(1, prev, p.len() - prev)?);
+            }
+            rows.push(Tensor::cat(&pieces, 1)?);
+        }
+        let max = rows
+            .iter()
+            .map(|x| x.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let l = max.iter().copied().max().unwrap_or(0);
+        let mut xs = Vec::with_capacity(rows.len());
+        let mut mask = Vec::with_capacity(rows.len());
+        for (x, n) in rows.into_iter().zip(max) {
+            let mut m = vec![0u8; l - n];
+            m.extend(std::iter::repeat_n(1u8, n));
+            mask.push(m);
+            xs.push(if n < l {
+                Tensor::cat(&[Tensor::zeros((1, l - n, d), dtype, &dev)?, x], 1)?
+            } else {
+                x
+            });
+        }
+        let pos = positions_from_mask(&mask, &vec![0; mask.len()]);
+        Ok((Tensor::cat(&xs, 0)?, mask, pos))
     }
 }
 

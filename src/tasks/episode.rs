@@ -6,9 +6,8 @@
 //! exact token ids the reasoner read, which of them it generated, and where memories went, so
 //! training can score the rollout with memories at the same points.
 //!
-//! Known difference from a single long stream: a turn's prefill does not replay the latents of
-//! earlier turns (generation with memory takes one prompt memory, at the end of the prompt), while
-//! a teacher-forced pass over [`EpisodeResult::tf_row`] sees all of them.
+//! A turn's prefill replays the latents of the earlier turns' memories where they went, so each turn
+//! reads the stream a teacher-forced pass over [`EpisodeResult::tf_row`] sees.
 
 use std::collections::BTreeMap;
 
@@ -142,6 +141,8 @@ struct State {
     generated: Vec<bool>,
     prompt_len: usize,
     points: Vec<Point>,
+    /// The latents of `points`, in order, for the next turns' prefill.
+    latents: Vec<(usize, candle_core::Tensor)>,
     turns: Vec<Turn>,
     decisions: Vec<EpisodeDecision>,
     memory_turns: Vec<bool>,
@@ -202,6 +203,7 @@ pub fn run_episodes(
             prompt_len: prompt.len(),
             tokens: prompt,
             points: vec![],
+            latents: vec![],
             turns: vec![],
             decisions: vec![],
             memory_turns: choose_memory_turns(max_turns, opts.max_prompt_aug_num, &mut rng),
@@ -228,8 +230,11 @@ pub fn run_episodes(
         let mut outs = BTreeMap::new();
         for ((prompt_memory, left), rows) in groups {
             let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| states[i].tokens.clone()).collect();
-            let gen = model.generate(
+            let replay: Vec<Vec<(usize, candle_core::Tensor)>> =
+                rows.iter().map(|&i| states[i].latents.clone()).collect();
+            let gen = model.generate_with_replay(
                 &prompts,
+                &replay,
                 &MemoryOptions {
                     prompt_memory,
                     max_inference: left,
@@ -303,21 +308,20 @@ pub fn run_episodes(
             // Memories and decisions count only where the kept tokens are the generated ones.
             let kept = common_prefix(&g.tokens, &s.tokens[start..]);
             let mut inference = 0;
-            for ins in &g.insertions {
-                match ins.kind {
-                    Kind::Prompt => s.points.push(Point {
-                        pos: start,
-                        kind: Kind::Prompt,
-                    }),
+            for (ins, lat) in g.insertions.iter().zip(&g.latents) {
+                let pos = match ins.kind {
+                    Kind::Prompt => start,
                     Kind::Inference if ins.token_index < kept => {
                         inference += 1;
-                        s.points.push(Point {
-                            pos: start + ins.token_index,
-                            kind: Kind::Inference,
-                        });
+                        start + ins.token_index
                     }
-                    Kind::Inference => {}
-                }
+                    Kind::Inference => continue,
+                };
+                s.points.push(Point {
+                    pos,
+                    kind: ins.kind,
+                });
+                s.latents.push((pos, lat.clone()));
             }
             s.inference_used += inference;
             for d in &g.decisions {
