@@ -34,8 +34,8 @@ pub struct LayerWeights {
     pub qkv_bias: Option<Tensor>,
     /// `[gate; up]` stacked by rows; `gate_proj` and `up_proj` are then views into it.
     pub gate_up_proj: Option<Tensor>,
-    /// Panel-packed copies for many-row inference matmuls, made on first use (inference only:
-    /// training never pays their memory).
+    /// Panel-packed copies for many-row `Mode::Infer` matmuls, made on first use (graph-mode
+    /// forwards never read them; SFT's gradient-free prompt prefix does).
     pub packed: PackedLayer,
 }
 
