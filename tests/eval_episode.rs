@@ -57,6 +57,19 @@ impl Retriever for Fixed {
     }
 }
 
+/// A search environment of at most two turns whose retriever always answers the same passage.
+fn two_turn_env() -> SearchEnv {
+    SearchEnv::new(
+        Arc::new(Fixed),
+        EnvConfig {
+            max_turns: 2,
+            topk: 3,
+            use_information_tags: false,
+            truncate: Arc::new(|s: &str| s.to_string()),
+        },
+    )
+}
+
 #[test]
 fn single_turn_rollout_replays_under_teacher_forcing() {
     let m = model();
@@ -129,15 +142,7 @@ fn single_turn_rollout_replays_under_teacher_forcing() {
 #[test]
 fn multi_turn_records_the_conversation() {
     let m = model();
-    let env = SearchEnv::new(
-        Arc::new(Fixed),
-        EnvConfig {
-            max_turns: 2,
-            topk: 3,
-            use_information_tags: false,
-            truncate: Arc::new(|s: &str| s.to_string()),
-        },
-    );
+    let env = two_turn_env();
     let samples = vec![Sample {
         id: "q".into(),
         messages: vec![
@@ -205,15 +210,7 @@ fn a_later_turn_reads_the_earlier_turns_memories_as_teacher_forcing_does() {
     // replays turn 1's latents, so under teacher forcing at the recorded points the greedy argmax
     // at every sampled token of every turn is that token.
     let m = model();
-    let env = SearchEnv::new(
-        Arc::new(Fixed),
-        EnvConfig {
-            max_turns: 2,
-            topk: 3,
-            use_information_tags: false,
-            truncate: Arc::new(|s: &str| s.to_string()),
-        },
-    );
+    let env = two_turn_env();
     let samples = vec![Sample {
         id: "q".into(),
         messages: vec![

@@ -894,12 +894,12 @@ pub(crate) mod kernels {
 
     /// A pointer into an output buffer that tasks write disjoint parts of.
     #[derive(Clone, Copy)]
-    struct Out(*mut f32);
+    pub(crate) struct Out(pub(crate) *mut f32);
     // SAFETY: every task writes a disjoint set of elements, and the buffer outlives the tasks.
     unsafe impl Send for Out {}
     unsafe impl Sync for Out {}
     impl Out {
-        fn ptr(self) -> *mut f32 {
+        pub(crate) fn ptr(self) -> *mut f32 {
             self.0
         }
     }
@@ -1667,6 +1667,44 @@ pub(crate) mod kernels {
 
     #[cfg(all(test, target_arch = "x86_64"))]
     mod tests {
+        /// A deterministic stream of values in [-1, 1), `n` at a time.
+        fn values(mut seed: u64) -> impl FnMut(usize) -> Vec<f32> {
+            move |n| {
+                (0..n)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            }
+        }
+
+        /// Dimensions of contiguous (b × l × heads·hd) queries over (b × kvh × t × hd) keys.
+        fn dims(
+            b: usize,
+            l: usize,
+            past: usize,
+            heads: usize,
+            kvh: usize,
+            hd: usize,
+        ) -> super::AttnDims {
+            let t = past + l;
+            super::AttnDims {
+                b,
+                l,
+                t,
+                w: heads * hd,
+                heads,
+                rep: heads / kvh,
+                hd,
+                past,
+                ks: [kvh * t * hd, t * hd, hd],
+                vs: [kvh * t * hd, t * hd, hd],
+            }
+        }
+
         #[test]
         fn head64_matches_the_generic_head() {
             if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
@@ -1677,33 +1715,12 @@ pub(crate) mod kernels {
             // position 7) and a left-padded row.
             let (b, l, past, heads, kvh, hd) = (2, 3, 6, 4, 2, 64);
             let t = past + l;
-            let mut seed = 1u64;
-            let mut rnd = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| {
-                        seed = seed
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                    })
-                    .collect()
-            };
+            let mut rnd = values(1);
             let w = heads * hd;
             let q = rnd(b * l * w);
             let k = rnd(b * kvh * t * hd);
             let v = rnd(b * kvh * t * hd);
-            let d = super::AttnDims {
-                b,
-                l,
-                t,
-                w,
-                heads,
-                rep: heads / kvh,
-                hd,
-                past,
-                ks: [kvh * t * hd, t * hd, hd],
-                vs: [kvh * t * hd, t * hd, hd],
-            };
+            let d = dims(b, l, past, heads, kvh, hd);
             let mask = [
                 vec![1, 0, 1, 1, 0, 1, 1, 0, 1],
                 vec![0, 0, 0, 0, 0, 0, 1, 1, 1],
@@ -1743,17 +1760,7 @@ pub(crate) mod kernels {
             if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
                 return;
             }
-            let mut seed = 7u64;
-            let mut rnd = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| {
-                        seed = seed
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                    })
-                    .collect()
-            };
+            let mut rnd = values(7);
             // Query blocks of 6 with ragged tails, key counts off the 16-key tiles, with and
             // without a cache, head widths 16, 64 and 128; padding keys inside the cache, padding
             // queries among the new rows (a masked latent slot) and a left-padded row.
@@ -1770,18 +1777,7 @@ pub(crate) mod kernels {
                 let q = rnd(b * l * w);
                 let k = rnd(b * kvh * t * hd);
                 let v = rnd(b * kvh * t * hd);
-                let d = super::AttnDims {
-                    b,
-                    l,
-                    t,
-                    w,
-                    heads,
-                    rep: heads / kvh,
-                    hd,
-                    past,
-                    ks: [kvh * t * hd, t * hd, hd],
-                    vs: [kvh * t * hd, t * hd, hd],
-                };
+                let d = dims(b, l, past, heads, kvh, hd);
                 let row0: Vec<u8> = (0..t).map(|j| u8::from(j % 5 != 1 || j == t - 1)).collect();
                 let row1: Vec<u8> = (0..t).map(|j| u8::from(j >= past + 2)).collect();
                 for (bi, row_mask) in [row0, row1].iter().enumerate() {

@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::ops::kernels::{threads, Out, PAR_WORK};
+
 /// Outputs per panel: two 16-lane AVX-512 vectors.
 pub const NR: usize = 32;
 
@@ -19,18 +21,6 @@ pub struct PackedWeight {
     m: usize,
     k: usize,
     data: Vec<f32>,
-}
-
-/// A pointer into an output buffer that tasks write disjoint parts of.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes a disjoint set of columns, and the buffer outlives the tasks.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Input rows per register tile of the widest kernel available.
@@ -125,7 +115,7 @@ impl PackedWeight {
         };
         // Panels outermost: each weight panel is read from memory once, and the (smaller) packed
         // input is re-read from cache.
-        if n * m * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+        if n * m * k >= PAR_WORK && threads() > 1 {
             (0..np).into_par_iter().for_each(run);
         } else {
             (0..np).for_each(run);
