@@ -272,3 +272,43 @@ fn a_later_turn_reads_the_earlier_turns_memories_as_teacher_forcing_does() {
     assert!(checked > 14, "{checked}");
     assert!(e.points.iter().filter(|p| p.kind == Kind::Prompt).count() == 2);
 }
+
+#[test]
+fn replayed_memories_out_of_place_are_errors() {
+    use memgen::memory::generate::MemoryOptions;
+    let m = model();
+    let prompt = m.tokenizer.encode("Say hello.").unwrap();
+    let d = m.reasoner.hidden_size();
+    let lat = candle_core::Tensor::zeros((2, d), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let opts = MemoryOptions {
+        prompt_memory: true,
+        max_inference: 0,
+        stop_ids: vec![],
+        min_gap: 0,
+        decision_temperature: None,
+    };
+    let run = |replay: Vec<(usize, candle_core::Tensor)>| {
+        m.generate_with_replay(
+            &[prompt.clone()],
+            &[replay],
+            &opts,
+            &mut greedy(2),
+            |_, _| {},
+        )
+        .map(|g| g[0].tokens.len())
+    };
+    // Past the prompt's end, out of order, or the wrong width: one-line errors.
+    let past = run(vec![(prompt.len() + 1, lat.clone())]).unwrap_err();
+    assert!(
+        past.to_string().contains("replayed memory at token"),
+        "{past}"
+    );
+    let order = run(vec![(2, lat.clone()), (1, lat.clone())]).unwrap_err();
+    assert!(order.to_string().contains("after 2"), "{order}");
+    let wide =
+        candle_core::Tensor::zeros((2, d + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let width = run(vec![(1, wide)]).unwrap_err();
+    assert!(width.to_string().contains("wide"), "{width}");
+    // In place (including right after the last token) they are read, and generation goes on.
+    assert_eq!(run(vec![(1, lat.clone()), (prompt.len(), lat)]).unwrap(), 2);
+}
