@@ -289,7 +289,7 @@ fn replayed_memories_out_of_place_are_errors() {
     };
     let run = |replay: Vec<(usize, candle_core::Tensor)>| {
         m.generate_with_replay(
-            &[prompt.clone()],
+            std::slice::from_ref(&prompt),
             &[replay],
             &opts,
             &mut greedy(2),
