@@ -57,6 +57,30 @@ impl Retriever for Fixed {
     }
 }
 
+/// A search task's sample: a system message, then the question.
+fn search_sample(system: &str, question: &str) -> Sample {
+    Sample {
+        id: "q".into(),
+        messages: vec![Message::system(system), Message::user(question)],
+        target: None,
+        gold: serde_json::json!({}),
+    }
+}
+
+/// The greedy token of the teacher-forced state that predicts token `i` of row `b`.
+fn tf_argmax(m: &MemGenModel, out: &memgen::memory::teacher::TfOutput, b: usize, i: usize) -> u32 {
+    let h = out
+        .hidden
+        .get(b)
+        .unwrap()
+        .get(i - 1)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = m.reasoner.logits(&h).unwrap().flatten_all().unwrap();
+    argmax(&logits.to_vec1::<f32>().unwrap())
+}
+
 /// A search environment of at most two turns whose retriever always answers the same passage.
 fn two_turn_env() -> SearchEnv {
     SearchEnv::new(
@@ -118,23 +142,7 @@ fn single_turn_rollout_replays_under_teacher_forcing() {
     let out = m.teacher_forced(&rows, &mut Mode::Infer).unwrap();
     for (b, e) in eps.iter().enumerate() {
         for i in e.prompt_len..e.tokens.len() {
-            let h = out
-                .hidden
-                .get(b)
-                .unwrap()
-                .get(i - 1)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = m
-                .reasoner
-                .logits(&h)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(argmax(&logits), e.tokens[i], "row {b}, token {i}");
+            assert_eq!(tf_argmax(&m, &out, b, i), e.tokens[i], "row {b}, token {i}");
         }
     }
 }
@@ -143,17 +151,10 @@ fn single_turn_rollout_replays_under_teacher_forcing() {
 fn multi_turn_records_the_conversation() {
     let m = model();
     let env = two_turn_env();
-    let samples = vec![Sample {
-        id: "q".into(),
-        messages: vec![
-            Message::system(
-                "Answer inside <answer> and </answer>, or search with <search> query </search>.",
-            ),
-            Message::user("What is the capital of France?"),
-        ],
-        target: None,
-        gold: serde_json::json!({}),
-    }];
+    let samples = vec![search_sample(
+        "Answer inside <answer> and </answer>, or search with <search> query </search>.",
+        "What is the capital of France?",
+    )];
     let opts = EpisodeOptions {
         max_turns: 2,
         max_prompt_aug_num: 8,
@@ -211,17 +212,10 @@ fn a_later_turn_reads_the_earlier_turns_memories_as_teacher_forcing_does() {
     // at every sampled token of every turn is that token.
     let m = model();
     let env = two_turn_env();
-    let samples = vec![Sample {
-        id: "q".into(),
-        messages: vec![
-            Message::system(
-                "Search with <search> query </search>, or answer in <answer></answer>.",
-            ),
-            Message::user("Count: one, two, three, four, five. Then name a capital."),
-        ],
-        target: None,
-        gold: serde_json::json!({}),
-    }];
+    let samples = vec![search_sample(
+        "Search with <search> query </search>, or answer in <answer></answer>.",
+        "Count: one, two, three, four, five. Then name a capital.",
+    )];
     let opts = EpisodeOptions {
         max_turns: 2,
         max_prompt_aug_num: 8,
@@ -246,18 +240,8 @@ fn a_later_turn_reads_the_earlier_turns_memories_as_teacher_forcing_does() {
             continue;
         }
         for i in t.start..t.start + t.len {
-            let h = out
-                .hidden
-                .get(0)
-                .unwrap()
-                .get(i - 1)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = m.reasoner.logits(&h).unwrap().flatten_all().unwrap();
-            let logits = logits.to_vec1::<f32>().unwrap();
             assert_eq!(
-                argmax(&logits),
+                tf_argmax(&m, &out, 0, i),
                 e.tokens[i],
                 "turn at {}, token {i}",
                 t.start

@@ -1681,6 +1681,48 @@ pub(crate) mod kernels {
             }
         }
 
+        type HeadKernel =
+            unsafe fn(&[f32], &[f32], &[f32], &super::AttnDims, &[u8], usize, usize, *mut f32);
+
+        /// `fast` writes what the generic head writes for (row `bi`, head `h`), within 1e-5, and
+        /// not all zeros. Unsafe: `fast` may need CPU features the caller has checked.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn agrees_with_generic(
+            fast: HeadKernel,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            d: &super::AttnDims,
+            mask: &[u8],
+            bi: usize,
+            h: usize,
+        ) {
+            let n = d.b * d.l * d.heads * d.hd;
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+            fast(q, k, v, d, mask, bi, h, got.as_mut_ptr());
+            super::head_body(
+                q,
+                k,
+                v,
+                d,
+                mask,
+                bi,
+                h,
+                want.as_mut_ptr(),
+                super::exp_shifted,
+            );
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() < 1e-5,
+                    "l {} past {} hd {}, row {bi} head {h} elem {i}: {g} vs {e}",
+                    d.l,
+                    d.past,
+                    d.hd
+                );
+            }
+            assert!(got.iter().any(|&x| x != 0.0));
+        }
+
         /// Dimensions of contiguous (b × l × heads·hd) queries over (b × kvh × t × hd) keys.
         fn dims(
             b: usize,
@@ -1727,30 +1769,10 @@ pub(crate) mod kernels {
             ];
             for (bi, row_mask) in mask.iter().enumerate() {
                 for h in 0..heads {
-                    let mut fast = vec![0f32; b * l * w];
-                    let mut slow = vec![0f32; b * l * w];
-                    // SAFETY: the CPU has AVX2 and FMA; the buffers have the sizes `d` describes.
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
                     unsafe {
-                        super::avx::head64(&q, &k, &v, &d, row_mask, bi, h, fast.as_mut_ptr());
-                        super::head_body(
-                            &q,
-                            &k,
-                            &v,
-                            &d,
-                            row_mask,
-                            bi,
-                            h,
-                            slow.as_mut_ptr(),
-                            super::exp_shifted,
-                        );
-                    }
-                    for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
-                        assert!(
-                            (f - s).abs() < 1e-5,
-                            "row {bi} head {h} elem {i}: {f} vs {s}"
-                        );
-                    }
-                    assert!(fast.iter().any(|&x| x != 0.0));
+                        agrees_with_generic(super::avx::head64, &q, &k, &v, &d, row_mask, bi, h)
+                    };
                 }
             }
         }
@@ -1782,11 +1804,10 @@ pub(crate) mod kernels {
                 let row1: Vec<u8> = (0..t).map(|j| u8::from(j >= past + 2)).collect();
                 for (bi, row_mask) in [row0, row1].iter().enumerate() {
                     for h in 0..heads {
-                        let mut fast = vec![0f32; b * l * w];
-                        let mut slow = vec![0f32; b * l * w];
-                        // SAFETY: the CPU has AVX2 and FMA; the buffers have the sizes `d` gives.
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
                         unsafe {
-                            super::avx::head_many(
+                            agrees_with_generic(
+                                super::avx::head_many,
                                 &q,
                                 &k,
                                 &v,
@@ -1794,27 +1815,8 @@ pub(crate) mod kernels {
                                 row_mask,
                                 bi,
                                 h,
-                                fast.as_mut_ptr(),
-                            );
-                            super::head_body(
-                                &q,
-                                &k,
-                                &v,
-                                &d,
-                                row_mask,
-                                bi,
-                                h,
-                                slow.as_mut_ptr(),
-                                super::exp_shifted,
-                            );
-                        }
-                        for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
-                            assert!(
-                                (f - s).abs() < 1e-5,
-                                "l {l} past {past} hd {hd}, row {bi} head {h} elem {i}: {f} vs {s}"
-                            );
-                        }
-                        assert!(fast.iter().any(|&x| x != 0.0));
+                            )
+                        };
                     }
                 }
             }
