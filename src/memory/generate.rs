@@ -241,7 +241,7 @@ impl MemGenModel {
                 o.latents.push(lat_r.get(r)?);
                 n_real[r] += k_p as u32;
             }
-            let x = Tensor::cat(&[e.clone(), lat.to_dtype(e.dtype())?], 1)?;
+            let x = Tensor::cat(&[e.clone(), lat_r], 1)?;
             let m: Vec<Vec<u8>> = mask
                 .iter()
                 .zip(&lm)
@@ -389,7 +389,9 @@ impl MemGenModel {
                     })
                     .collect();
                 pending.push(lat.clone(), &lm, &lpos);
-                let x = Tensor::cat(&[e_t, lat.to_dtype(self.reasoner.dtype())?], 1)?;
+                // In the reasoner's dtype: what it reads now and what later turns replay.
+                let lat_r = lat.to_dtype(self.reasoner.dtype())?;
+                let x = Tensor::cat(&[e_t, lat_r.clone()], 1)?;
                 let m: Vec<Vec<u8>> = step_mask
                     .iter()
                     .zip(&lm)
@@ -416,7 +418,6 @@ impl MemGenModel {
                     .reshape((b * w, d))?
                     .index_select(&Tensor::from_vec(idx, b, &dev)?, 0)?
                     .unsqueeze(1)?;
-                let lat_r = lat.to_dtype(self.reasoner.dtype())?;
                 for r in 0..b {
                     if insert[r] {
                         n_real[r] += k_i as u32;
