@@ -201,7 +201,7 @@ pub fn generate(
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     for _ in 0..sampler.cfg.max_new_tokens {
         let logits = model
-            .logits(&last)?
+            .logits_infer(&last)?
             .squeeze(1)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;

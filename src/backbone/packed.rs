@@ -1,4 +1,4 @@
-//! Frozen weights repacked once for many-row inference matmuls (prefill, the weaver's context
+//! Frozen weights repacked once for inference matmuls (decoding, prefill, the weaver's context
 //! chunks), and the kernel that multiplies by them.
 //!
 //! `y = x · wᵀ` with `w` (m × k) row-major is stored as column panels of [`NR`] outputs, each panel
@@ -6,7 +6,8 @@
 //! input rows is broadcast against it, keeping an `MR × NR` tile of results in registers. Packing
 //! per call (as a general gemm must) costs a full pass over the weights; frozen weights pay it once.
 //! On this project's 2-core machine the kernel runs the weaver's 50–400-row chunks at 150–185
-//! GFLOP/s where the general gemm managed 85–140.
+//! GFLOP/s where the general gemm managed 85–140, and a 4-row decode step's 3072 × 576 product in
+//! 0.31 ms where the row-major weight-streaming kernel takes 0.58 ms.
 
 use rayon::prelude::*;
 

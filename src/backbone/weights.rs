@@ -95,6 +95,8 @@ pub struct BaseWeights {
     pub norm: Tensor,
     /// The LM head; shares storage with `embed_tokens` when the checkpoint ties them.
     pub lm_head: Tensor,
+    /// The LM head packed for generation's logits (made on first use; a copy even when tied).
+    pub lm_head_packed: OnceLock<PackedWeight>,
     pub dtype: DType,
     pub device: Device,
 }
@@ -216,6 +218,7 @@ impl BaseWeights {
             layers,
             norm,
             lm_head,
+            lm_head_packed: OnceLock::new(),
             dtype,
             device: device.clone(),
         };
@@ -292,6 +295,7 @@ impl BaseWeights {
             layers,
             norm,
             lm_head,
+            lm_head_packed: OnceLock::new(),
             dtype,
             device: device.clone(),
         };
@@ -469,6 +473,7 @@ impl BaseWeights {
             layers,
             norm,
             lm_head,
+            lm_head_packed: OnceLock::new(),
             dtype: DType::F32,
             device: device.clone(),
         };

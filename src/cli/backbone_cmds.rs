@@ -215,7 +215,7 @@ pub fn top_logits(m: &LoadedModel, ids: &[u32], k: usize) -> anyhow::Result<Vec<
         .context("forward pass")?;
     let logits = m
         .backbone
-        .logits(&h)?
+        .logits_infer(&h)?
         .i(0)?
         .to_dtype(DType::F32)?
         .to_vec2::<f32>()?;

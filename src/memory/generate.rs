@@ -144,7 +144,7 @@ impl MemGenModel {
         };
         let lg = self
             .reasoner
-            .logits(&sel)?
+            .logits_infer(&sel)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         let mut rows = vec![vec![]; out.len()];
