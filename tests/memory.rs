@@ -186,6 +186,56 @@ fn generation_equals_the_reference() {
 }
 
 #[test]
+fn rows_past_their_last_memory_leave_the_others_as_the_reference_has_them() {
+    // The weaver stops reading a row once it has had all its memories; the rows still getting
+    // memories must come out as the reference (one row at a time) has them. Six prompts and caps
+    // 1–3 make sure some row reaches its cap while another gets a memory later.
+    let m = tiny_memgen(Arch::Qwen2, 8, 8, false);
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 9, 2, 17],
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        vec![40],
+        vec![33, 12, 7],
+        vec![50, 51, 2, 9, 14, 3],
+        vec![21, 22],
+    ];
+    let mut exercised = 0;
+    for cap in 1..=3 {
+        let opts = MemoryOptions {
+            prompt_memory: true,
+            max_inference: cap,
+            stop_ids: vec![],
+            decision_temperature: None,
+            min_gap: 0,
+        };
+        let got = m
+            .generate(&prompts, &opts, &mut greedy(24), |_, _| {})
+            .unwrap();
+        for (r, p) in prompts.iter().enumerate() {
+            let (toks, ins) = ref_generate(&m, p, 24, cap);
+            assert_eq!(got[r].tokens, toks, "cap {cap} row {r}: tokens");
+            assert_eq!(got[r].insertions, ins, "cap {cap} row {r}: insertions");
+        }
+        let last = |r: usize| got[r].insertions.last().map_or(0, |i| i.token_index);
+        let capped = |r: usize| {
+            got[r]
+                .insertions
+                .iter()
+                .filter(|i| i.kind == Kind::Inference)
+                .count()
+                == cap
+        };
+        exercised += (0..prompts.len())
+            .filter(|&r| capped(r) && (0..prompts.len()).any(|o| last(o) > last(r)))
+            .count();
+    }
+    assert!(
+        exercised > 0,
+        "no row reached its cap before another row's last memory"
+    );
+}
+
+#[test]
 fn zero_length_weaver_is_the_plain_reasoner() {
     for arch in [Arch::Llama, Arch::Qwen2] {
         let m = tiny_memgen(arch, 0, 0, false);

@@ -17,10 +17,11 @@ use candle_core::{
 /// instead of gemm.
 const SMALL_ROWS: usize = 16;
 
-/// The same for [`frozen_linear_infer`]. Generation with memory runs many forwards of 16–48 rows
-/// (a few new tokens per row plus K latents or queries); there the weight-streaming kernel beats
-/// gemm (bench-memory, batch 4: a weaver call ~140 ms → ~100 ms). Training keeps the threshold
-/// it was tuned with.
+/// The same for [`frozen_linear_infer`], which inference uses when the packed copies are off
+/// (`MEMGEN_PACKED_WEIGHTS=0`). Generation with memory runs many forwards of 16–48 rows (a few new
+/// tokens per row plus K latents or queries); there the weight-streaming kernel beats gemm
+/// (bench-memory, batch 4: a weaver call ~140 ms → ~100 ms). Training keeps the threshold it was
+/// tuned with.
 const SMALL_ROWS_INFER: usize = 48;
 
 /// `x @ w^T` for a frozen weight `w` (out × in): x is (n × in), the result (n × out).
@@ -241,7 +242,7 @@ pub fn frozen_linear_packed(
 }
 
 /// `MEMGEN_PACKED_WEIGHTS=0` turns the packed copies off, for memory-bound runs: inference then
-/// reads the weights in place (no second copy) at about half the decoding speed at batch 4.
+/// reads the weights in place (no second copy), decoding SmolLM2 at batch 8 at half the speed.
 fn packing_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MEMGEN_PACKED_WEIGHTS").map_or(true, |v| v.trim() != "0"))

@@ -217,6 +217,19 @@ impl MemGenModel {
         };
         let mut out: Vec<MemGenerated> = vec![MemGenerated::default(); b];
 
+        // Whether a row may still get an inference memory after `extra` more. The weaver reads only
+        // such rows: what a row reads after its last memory is never used.
+        let k_i = self.weaver.k(Kind::Inference);
+        let open = |o: &MemGenerated, extra: usize| {
+            k_i > 0
+                && o.insertions
+                    .iter()
+                    .filter(|i| i.kind == Kind::Inference)
+                    .count()
+                    + extra
+                    < opts.max_inference
+        };
+
         // Prompt memory.
         let k_p = self.weaver.k(Kind::Prompt);
         let (x0, m0, p0) = if opts.prompt_memory && k_p > 0 {
@@ -231,7 +244,8 @@ impl MemGenModel {
                 .iter()
                 .map(|&n| (n..n + k_p as u32).collect())
                 .collect();
-            pending.push(lat.clone(), &lm, &lpos);
+            let wm = vec![vec![open(&MemGenerated::default(), 0) as u8; k_p]; b];
+            pending.push(lat.clone(), &wm, &lpos);
             let lat_r = lat.to_dtype(e.dtype())?;
             for (r, o) in out.iter_mut().enumerate() {
                 o.insertions.push(Insertion {
@@ -266,7 +280,6 @@ impl MemGenModel {
         let l = h.dim(1)?;
         let mut last = h.narrow(1, l - 1, 1)?;
 
-        let k_i = self.weaver.k(Kind::Inference);
         let max_new = sampler.cfg.max_new_tokens;
         for _ in 0..max_new {
             let logits = self.live_logits(&last, &out)?;
@@ -294,13 +307,7 @@ impl MemGenModel {
             let cand: Vec<usize> = (0..b)
                 .filter(|&r| {
                     live[r] == 1
-                        && k_i > 0
-                        && out[r]
-                            .insertions
-                            .iter()
-                            .filter(|i| i.kind == Kind::Inference)
-                            .count()
-                            < opts.max_inference
+                        && open(&out[r], 0)
                         && out[r].tokens.len()
                             >= out[r].insertions.last().map_or(0, |i| i.token_index) + opts.min_gap
                         && {
@@ -366,7 +373,10 @@ impl MemGenModel {
             let e_t = self
                 .reasoner
                 .embed(&Tensor::from_vec(step.clone(), (b, 1), &dev)?)?;
-            pending.push(e_t.clone(), &step_mask, &step_pos);
+            let wm: Vec<Vec<u8>> = (0..b)
+                .map(|r| vec![live[r] * open(&out[r], 0) as u8])
+                .collect();
+            pending.push(e_t.clone(), &wm, &step_pos);
             for r in 0..b {
                 n_real[r] += live[r] as u32;
             }
@@ -388,7 +398,10 @@ impl MemGenModel {
                         }
                     })
                     .collect();
-                pending.push(lat.clone(), &lm, &lpos);
+                let wm: Vec<Vec<u8>> = (0..b)
+                    .map(|r| vec![(insert[r] && open(&out[r], 1)) as u8; k_i])
+                    .collect();
+                pending.push(lat.clone(), &wm, &lpos);
                 // In the reasoner's dtype: what it reads now and what later turns replay.
                 let lat_r = lat.to_dtype(self.reasoner.dtype())?;
                 let x = Tensor::cat(&[e_t, lat_r.clone()], 1)?;
