@@ -11,7 +11,7 @@ use reference::{embed, full_forward, ref_generate, ref_tf_logits, ref_tf_logits_
 use candle_core::{DType, Device, IndexOp, Tensor};
 use memgen::backbone::generate::{Sampler, SamplingConfig};
 use memgen::backbone::{self, Arch, Mode};
-use memgen::memory::generate::MemoryOptions;
+use memgen::memory::generate::{MemGenerated, MemoryOptions};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec, Point};
 
@@ -143,6 +143,34 @@ fn greedy(n: usize) -> Sampler {
     })
 }
 
+/// Greedy generation with memory (prompt memory, the model's trigger, up to `cap` inference
+/// memories) beside the literal one-row-at-a-time reference: every row's tokens and insertion
+/// points must be the reference's.
+fn generate_as_the_reference(
+    m: &MemGenModel,
+    prompts: &[Vec<u32>],
+    new: usize,
+    cap: usize,
+    what: &str,
+) -> Vec<MemGenerated> {
+    let opts = MemoryOptions {
+        prompt_memory: true,
+        max_inference: cap,
+        stop_ids: vec![],
+        decision_temperature: None,
+        min_gap: 0,
+    };
+    let got = m
+        .generate(prompts, &opts, &mut greedy(new), |_, _| {})
+        .unwrap();
+    for (r, p) in prompts.iter().enumerate() {
+        let (toks, ins) = ref_generate(m, p, new, cap);
+        assert_eq!(got[r].tokens, toks, "{what} row {r}: tokens");
+        assert_eq!(got[r].insertions, ins, "{what} row {r}: insertions");
+    }
+    got
+}
+
 #[test]
 fn generation_equals_the_reference() {
     for arch in [Arch::Llama, Arch::Qwen2] {
@@ -153,30 +181,14 @@ fn generation_equals_the_reference() {
                 vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
                 vec![40],
             ];
-            let opts = MemoryOptions {
-                prompt_memory: true,
-                max_inference: 3,
-                stop_ids: vec![],
-                decision_temperature: None,
-                min_gap: 0,
-            };
-            let got = m
-                .generate(&prompts, &opts, &mut greedy(24), |_, _| {})
-                .unwrap();
+            let got =
+                generate_as_the_reference(&m, &prompts, 24, 3, &format!("{arch:?} {trigger}"));
             let mut total_inf = 0;
-            for (r, p) in prompts.iter().enumerate() {
-                let (toks, ins) = ref_generate(&m, p, 24, 3);
-                assert_eq!(
-                    got[r].tokens, toks,
-                    "{arch:?} trigger={trigger} row {r}: tokens"
-                );
-                assert_eq!(
-                    got[r].insertions, ins,
-                    "{arch:?} trigger={trigger} row {r}: insertions"
-                );
+            for g in &got {
+                let ins = &g.insertions;
                 total_inf += ins.iter().filter(|i| i.kind == Kind::Inference).count();
                 // Every boundary under the cap was put to the trigger.
-                assert!(got[r].decisions.len() >= ins.len() - 1);
+                assert!(g.decisions.len() >= ins.len() - 1);
             }
             if !trigger {
                 assert!(total_inf > 0, "the test must exercise inference insertions");
@@ -201,21 +213,7 @@ fn rows_past_their_last_memory_leave_the_others_as_the_reference_has_them() {
     ];
     let mut exercised = 0;
     for cap in 1..=3 {
-        let opts = MemoryOptions {
-            prompt_memory: true,
-            max_inference: cap,
-            stop_ids: vec![],
-            decision_temperature: None,
-            min_gap: 0,
-        };
-        let got = m
-            .generate(&prompts, &opts, &mut greedy(24), |_, _| {})
-            .unwrap();
-        for (r, p) in prompts.iter().enumerate() {
-            let (toks, ins) = ref_generate(&m, p, 24, cap);
-            assert_eq!(got[r].tokens, toks, "cap {cap} row {r}: tokens");
-            assert_eq!(got[r].insertions, ins, "cap {cap} row {r}: insertions");
-        }
+        let got = generate_as_the_reference(&m, &prompts, 24, cap, &format!("cap {cap}"));
         let last = |r: usize| got[r].insertions.last().map_or(0, |i| i.token_index);
         let capped = |r: usize| {
             got[r]
@@ -408,22 +406,7 @@ fn smollm2_with_a_random_weaver_equals_the_reference() {
     let p2 = tk
         .encode("<|im_start|>user\nList two colors, then stop.<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    let prompts = vec![p1.clone(), p2.clone()];
-    let opts = MemoryOptions {
-        prompt_memory: true,
-        max_inference: 5,
-        stop_ids: vec![],
-        decision_temperature: None,
-        min_gap: 0,
-    };
-    let got = m
-        .generate(&prompts, &opts, &mut greedy(20), |_, _| {})
-        .unwrap();
-    for (r, p) in prompts.iter().enumerate() {
-        let (toks, ins) = ref_generate(&m, p, 20, 5);
-        assert_eq!(got[r].tokens, toks, "row {r}");
-        assert_eq!(got[r].insertions, ins, "row {r}");
-    }
+    generate_as_the_reference(&m, &[p1.clone(), p2.clone()], 20, 5, "smollm2");
     // Teacher forcing on prompt + answer with SFT's points.
     let rows: Vec<TfRow> = [
         (&p1, "3 + 4 = 7. So, the answer is 7.\n"),
