@@ -367,16 +367,39 @@ impl CustomOp2 for LoraAdd<'_> {
         }
         let mut out = y.to_vec();
         let rank = ab.iter().map(|u| u.2).max().unwrap_or(0);
+        let width = ab.iter().map(|u| u.3).max().unwrap_or(0);
+        // B transposed (r × w): the second product then runs along the output columns in
+        // contiguous, vectorisable rows instead of one rank-long dot product per column.
+        let bt: Vec<Vec<f32>> = ab
+            .iter()
+            .map(|&(_, b, r, w)| {
+                let mut t = vec![0f32; r * w];
+                for c in 0..w {
+                    for j in 0..r {
+                        t[j * w + c] = b[c * r + j];
+                    }
+                }
+                t
+            })
+            .collect();
         let row = |i: usize, o: &mut [f32]| {
             let xi = &x[i * k..(i + 1) * k];
             let mut t = vec![0f32; rank];
-            for (u, &(a, b, r, w)) in ab.iter().enumerate() {
+            let mut delta = vec![0f32; width];
+            for (u, &(a, _, r, w)) in ab.iter().enumerate() {
                 for (j, tj) in t[..r].iter_mut().enumerate() {
                     *tj = kernels::dot_slices(xi, &a[j * k..(j + 1) * k]) * self.scale[u];
                 }
+                let d = &mut delta[..w];
+                d.fill(0.0);
+                for (j, &tj) in t[..r].iter().enumerate() {
+                    for (dc, bv) in d.iter_mut().zip(&bt[u][j * w..(j + 1) * w]) {
+                        *dc += tj * bv;
+                    }
+                }
                 let c0 = self.col[u];
-                for (c, oc) in o[c0..c0 + w].iter_mut().enumerate() {
-                    *oc += kernels::dot_slices(&t[..r], &b[c * r..(c + 1) * r]);
+                for (oc, dc) in o[c0..c0 + w].iter_mut().zip(d.iter()) {
+                    *oc += dc;
                 }
             }
         };
