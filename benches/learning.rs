@@ -3,8 +3,11 @@
 //! trigger (accuracy and memories per answer). Used by scripts/bench-learning.sh.
 //!
 //!   cargo bench --bench learning -- --config configs/quickstart.yaml --weaver runs/q/weaver \
-//!       [--trigger runs/q-trigger/trigger] [--rows 50] [--no-vanilla] [--trigger-sample]
+//!       [--trigger runs/q-trigger/trigger] [--rows 50] [--no-vanilla] [--trigger-sample] \
+//!       [--nano-delimiters '[",", ".", "\n"]']
 //!
+//! The weaver alone (the nano trigger: a memory at every boundary) uses the delimiters its
+//! checkpoint was trained with, or `--nano-delimiters` (a YAML list); each line names them.
 //! Tokens are greedy. The trigger's decisions take the argmax, and with `--trigger-sample` they
 //! are also sampled at temperature 1 (seeded): the policy GRPO trained, rather than its mode.
 
@@ -28,6 +31,7 @@ struct Args {
     max_new: usize,
     vanilla: bool,
     trigger_sample: bool,
+    nano_delimiters: Option<Vec<String>>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -39,6 +43,7 @@ fn args() -> anyhow::Result<Args> {
         max_new: 200,
         vanilla: true,
         trigger_sample: false,
+        nano_delimiters: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -53,6 +58,13 @@ fn args() -> anyhow::Result<Args> {
             "--weaver" => a.weaver = Some(next()?.into()),
             "--trigger" => a.trigger = Some(next()?.into()),
             "--rows" => a.rows = next()?.parse()?,
+            "--nano-delimiters" => {
+                let v = next()?;
+                a.nano_delimiters = Some(
+                    serde_yaml::from_str(&v)
+                        .map_err(|e| anyhow::anyhow!("--nano-delimiters {v:?}: {e}"))?,
+                )
+            }
             "--max-new-tokens" => a.max_new = next()?.parse()?,
             "--no-vanilla" => {
                 a.vanilla = false;
@@ -165,12 +177,16 @@ fn main() -> anyhow::Result<()> {
     let mut nano = None;
     if let Some(w) = &a.weaver {
         let t = Instant::now();
-        let ws = MemGenSpec::read(&w.join("memgen.json"))?;
+        let mut ws = MemGenSpec::read(&w.join("memgen.json"))?;
+        if let Some(d) = &a.nano_delimiters {
+            ws.insertion.delimiters = d.clone();
+        }
         let m = load(&ws, w, &[Part::Weaver])?;
         let (wa, wi) = accuracy(&m, task.as_ref(), &rows, true, a.max_new, None)?;
         let wn = nll(&m, &rows, true)?;
         println!(
-            "weaver (nano):  accuracy {wa:.3}  answer NLL {wn:.4}  memories/answer {wi:.2}  ({:.0} s)",
+            "weaver (nano):  accuracy {wa:.3}  answer NLL {wn:.4}  memories/answer {wi:.2}  boundaries {:?}  ({:.0} s)",
+            ws.insertion.delimiters,
             t.elapsed().as_secs_f64()
         );
         nano = Some((wa, wi));
@@ -188,7 +204,8 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let (ta, ti) = accuracy(&m, task.as_ref(), &rows, true, a.max_new, temp)?;
             println!(
-                "weaver+trigger ({how}): accuracy {ta:.3}  memories/answer {ti:.2}  ({:.0} s)",
+                "weaver+trigger ({how}): accuracy {ta:.3}  memories/answer {ti:.2}  boundaries {:?}  ({:.0} s)",
+                ts.insertion.delimiters,
                 t.elapsed().as_secs_f64()
             );
             if let Some((wa, wi)) = nano {

@@ -9,6 +9,11 @@
 # Budget knobs (defaults sized for ≤ 30 min of SFT on a 2-core CPU):
 #   SFT_STEPS=100 TRIGGER_STEPS=40 ROWS=100 OUT=runs/bench-learning CONFIG=configs/quickstart.yaml \
 #     scripts/bench-learning.sh
+# SFT_OPTIONS / TRIGGER_OPTIONS add `--options` key-value pairs to one phase, e.g. a weaver trained
+# with memories at line ends only, then a trigger choosing among every boundary (README, "Measured"):
+#   CONFIG=configs/arith-trigger.yaml \
+#   SFT_OPTIONS='model.delimiters ["\n"] run.weaver.sft.insertion_probability 1.0' \
+#   TRIGGER_OPTIONS='run.trigger.grpo.scale_rewards false' scripts/bench-learning.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +23,8 @@ ROWS=${ROWS:-100}
 SEED=${SEED:-42}
 OUT=${OUT:-runs/bench-learning}
 CONFIG=${CONFIG:-configs/quickstart.yaml}
+read -r -a sft_options <<< "${SFT_OPTIONS:-}"
+read -r -a trigger_options <<< "${TRIGGER_OPTIONS:-}"
 
 cargo build --release --quiet
 cargo bench --no-run --quiet --bench learning 2>/dev/null || true
@@ -29,14 +36,15 @@ echo "== weaver SFT: $SFT_STEPS steps (seed $SEED) =="
 t0=$(secs)
 "$BIN" weaver-train --config "$CONFIG" --output-dir "$OUT/sft" \
   --options run.seed "$SEED" run.weaver.sft.max_steps "$SFT_STEPS" \
-  run.weaver.sft.eval_steps "$SFT_STEPS" run.weaver.sft.save_steps 10
+  run.weaver.sft.eval_steps "$SFT_STEPS" run.weaver.sft.save_steps 10 ${sft_options[@]+"${sft_options[@]}"}
 t1=$(secs)
 echo "weaver SFT wall time: $((t1 - t0)) s"
 
 echo "== trigger GRPO: $TRIGGER_STEPS steps =="
 "$BIN" trigger-train --config "$CONFIG" --load-model-path "$OUT/sft/weaver" \
   --output-dir "$OUT/trigger" \
-  --options run.seed "$SEED" run.trigger.grpo.max_steps "$TRIGGER_STEPS"
+  --options run.seed "$SEED" run.trigger.grpo.max_steps "$TRIGGER_STEPS" \
+  ${trigger_options[@]+"${trigger_options[@]}"}
 t2=$(secs)
 echo "trigger GRPO wall time: $((t2 - t1)) s"
 
