@@ -8,21 +8,37 @@ use memgen::backbone::generate::{generate, ids_tensor, left_pad, Sampler, Sampli
 use memgen::backbone::model::{positions_from_mask, positions_tensor};
 use memgen::backbone::{self, Mode};
 
+/// The optional whole-number argument `name` (from the command line or the environment).
+fn whole(name: &str, v: Option<&str>, default: usize) -> anyhow::Result<usize> {
+    v.map_or(Ok(default), |s| {
+        s.parse()
+            .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {s:?}"))
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn main() -> anyhow::Result<()> {
+/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
     let model = args.first().cloned().unwrap_or_else(|| "default".into());
-    let batch: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
-    let plen: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(128);
-    let new: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(128);
-    let runs: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let batch: usize = whole("batch", args.get(1).map(String::as_str), 1)?;
+    let plen: usize = whole("prompt-len", args.get(2).map(String::as_str), 128)?;
+    let new: usize = whole("new-tokens", args.get(3).map(String::as_str), 128)?;
+    let runs: usize = whole("runs", args.get(4).map(String::as_str), 3)?;
     let dtype = backbone::parse_dtype(args.get(5).map(String::as_str).unwrap_or("f32"))?;
     let path = backbone::resolve_model(Some(&model))?;
     let m = backbone::load(&path, dtype, &Device::Cpu)?;

@@ -57,7 +57,7 @@ fn args() -> anyhow::Result<Args> {
             "--config" => a.config = next()?.into(),
             "--weaver" => a.weaver = Some(next()?.into()),
             "--trigger" => a.trigger = Some(next()?.into()),
-            "--rows" => a.rows = next()?.parse()?,
+            "--rows" => a.rows = count("--rows", &next()?)?,
             "--nano-delimiters" => {
                 let v = next()?;
                 a.nano_delimiters = Some(
@@ -65,7 +65,7 @@ fn args() -> anyhow::Result<Args> {
                         .map_err(|e| anyhow::anyhow!("--nano-delimiters {v:?}: {e}"))?,
                 )
             }
-            "--max-new-tokens" => a.max_new = next()?.parse()?,
+            "--max-new-tokens" => a.max_new = count("--max-new-tokens", &next()?)?,
             "--no-vanilla" => {
                 a.vanilla = false;
                 i += 1;
@@ -80,11 +80,19 @@ fn args() -> anyhow::Result<Args> {
                 i += 1;
                 continue;
             }
-            other => anyhow::bail!("unknown argument {other}"),
+            other => anyhow::bail!(
+                "unknown argument {other} (expected --config, --weaver, --trigger, --rows, \
+                 --max-new-tokens, --nano-delimiters, --no-vanilla, --trigger-sample)"
+            ),
         }
         i += 2;
     }
     Ok(a)
+}
+
+fn count(flag: &str, v: &str) -> anyhow::Result<usize> {
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("{flag} needs a whole number, got {v:?}"))
 }
 
 /// Greedy accuracy and mean inference memories per answer; `memory` off = the plain reasoner.
@@ -156,7 +164,15 @@ fn load(spec: &MemGenSpec, dir: &std::path::Path, parts: &[Part]) -> anyhow::Res
     Ok(m)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let a = args()?;
     let cfg = RunConfig::load(&a.config, &[])?;
     let task = build_task(&cfg.dataset()?.task)?;

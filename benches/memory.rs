@@ -19,6 +19,14 @@ use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::tasks::{render_chatml, Message};
 use rand::SeedableRng;
 
+/// The optional whole-number argument `name` (from the command line or the environment).
+fn whole(name: &str, v: Option<&str>, default: usize) -> anyhow::Result<usize> {
+    v.map_or(Ok(default), |s| {
+        s.parse()
+            .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {s:?}"))
+    })
+}
+
 fn gsm8k_rows(n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let p =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gsm8k/train.jsonl");
@@ -99,15 +107,23 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
     let what = args.first().map(String::as_str).unwrap_or("decode");
-    let batch: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
-    let new: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(256);
-    let ref_new: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(48);
+    let batch: usize = whole("batch", args.get(1).map(String::as_str), 1)?;
+    let new: usize = whole("new-tokens", args.get(2).map(String::as_str), 256)?;
+    let ref_new: usize = whole("ref-new-tokens", args.get(3).map(String::as_str), 48)?;
     let m = model()?;
     match what {
         "decode" => {
@@ -130,19 +146,10 @@ fn main() -> anyhow::Result<()> {
             };
             // Plain and memory runs alternate, REPS pairs (default 3): a drift in the machine's
             // speed then hits both sides alike; the medians and the per-pair ratios are reported.
-            let reps: usize = std::env::var("REPS")
-                .ok()
-                .map(|s| s.parse())
-                .transpose()?
-                .unwrap_or(3)
-                .max(1);
+            let reps: usize = whole("REPS", std::env::var("REPS").ok().as_deref(), 3)?.max(1);
             // The nano trigger takes the first boundaries; GAP (default 40) spaces them out so the
             // five memories spread over the answer and the weaver reads most of it.
-            let gap: usize = std::env::var("GAP")
-                .ok()
-                .map(|s| s.parse())
-                .transpose()?
-                .unwrap_or(40);
+            let gap: usize = whole("GAP", std::env::var("GAP").ok().as_deref(), 40)?;
             let opts = MemoryOptions {
                 prompt_memory: true,
                 max_inference: 5,

@@ -282,6 +282,11 @@ pub struct GrpoConfig {
     /// so the advantages credit them alone.
     #[serde(default)]
     pub reasoner_temperature: Option<f64>,
+    /// Trigger only: a fresh trigger's head starts out inserting at every boundary with this
+    /// probability (unset: 0.5, both actions equally likely). Near 1 the rollouts are the nano
+    /// trigger's with a memory or two left out, so a group's rewards tell which ones mattered.
+    #[serde(default)]
+    pub initial_insertion_probability: Option<f64>,
     #[serde(default = "adamw")]
     pub optim: String,
     #[serde(default = "cosine")]
@@ -628,6 +633,20 @@ impl RunConfig {
                     "{name}: num_iterations and gradient_accumulation_steps must be at least 1"
                 );
             }
+        }
+        if r.trigger
+            .grpo
+            .initial_insertion_probability
+            .is_some_and(|p| !(p > 0.0 && p < 1.0))
+        {
+            anyhow::bail!(
+                "run.trigger.grpo.initial_insertion_probability must be strictly between 0 and 1"
+            );
+        }
+        if r.weaver.grpo.initial_insertion_probability.is_some() {
+            anyhow::bail!(
+                "run.weaver.grpo.initial_insertion_probability applies to trigger GRPO only"
+            );
         }
         if r.weaver.grpo.reasoner_temperature.is_some() {
             // The weaver's policy is the reasoner's token distribution: it must be sampled.

@@ -92,6 +92,10 @@ fn mistakes_are_errors_naming_the_key() {
     assert!(e.contains("trigger GRPO only"), "{e}");
     let e = err(&[("run.trigger.grpo.reasoner_temperature", "-1")]);
     assert!(e.contains("reasoner_temperature"), "{e}");
+    let e = err(&[("run.trigger.grpo.initial_insertion_probability", "1.0")]);
+    assert!(e.contains("strictly between 0 and 1"), "{e}");
+    let e = err(&[("run.weaver.grpo.initial_insertion_probability", "0.9")]);
+    assert!(e.contains("trigger GRPO only"), "{e}");
     let e = err(&[("run.weaver.sft.insertion_probability", "1.5")]);
     assert!(
         e.contains("insertion_probability must be between 0 and 1"),

@@ -484,7 +484,7 @@ fn trigger_train_without_weaver_is_a_one_line_error() {
 #[test]
 fn trigger_rollouts_with_a_greedy_reasoner_differ_only_where_decisions_do() {
     let m = tiny_memgen(true);
-    m.trigger.as_ref().unwrap().zero_head().unwrap();
+    m.trigger.as_ref().unwrap().init_head(0.5).unwrap();
     let data = Toy.load(Split::Train).unwrap();
     let refs: Vec<&Sample> = data[..1].iter().collect();
     let sampling = memgen::backbone::generate::SamplingConfig {
@@ -497,7 +497,7 @@ fn trigger_rollouts_with_a_greedy_reasoner_differ_only_where_decisions_do() {
         insertion_penalty: 0.0,
         decision_temperature: Some(1.0),
     };
-    let rs = grpo::rollouts(&m, &Toy, None, &refs, 8, sampling, 1024, trig).unwrap();
+    let rs = grpo::rollouts(&m, &Toy, None, &refs, 8, sampling.clone(), 1024, trig).unwrap();
     let decisions: Vec<Vec<(usize, bool)>> = rs
         .iter()
         .map(|r| r.decisions.iter().map(|d| (d.pos, d.insert)).collect())
@@ -539,5 +539,17 @@ fn trigger_rollouts_with_a_greedy_reasoner_differ_only_where_decisions_do() {
         .collect();
     for (x, y) in lp.to_vec1::<f32>().unwrap().iter().zip(&recorded) {
         assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    // A head started at insertion probability 0.9 samples each action at exactly that rate.
+    m.trigger.as_ref().unwrap().init_head(0.9).unwrap();
+    let rs = grpo::rollouts(&m, &Toy, None, &refs, 8, sampling, 1024, trig).unwrap();
+    for d in rs.iter().flat_map(|r| &r.decisions) {
+        let p: f32 = if d.insert { 0.9 } else { 0.1 };
+        assert!(
+            (d.logprob - p.ln()).abs() < 1e-5,
+            "{} at {}",
+            d.logprob,
+            d.insert
+        );
     }
 }

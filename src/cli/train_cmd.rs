@@ -80,7 +80,13 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let spec = cfg.memgen_spec(which == Which::Trigger);
     let model = MemGenModel::build(&spec, &device)?;
     if let Some(t) = model.trigger.as_ref().filter(|_| which == Which::Trigger) {
-        t.zero_head()?;
+        t.init_head(
+            cfg.run
+                .trigger
+                .grpo
+                .initial_insertion_probability
+                .unwrap_or(0.5),
+        )?;
     }
     if let Some(p) = &cfg.model.load_model_path {
         let (file, _) = resolve_checkpoint(p)?;

@@ -23,13 +23,19 @@ impl Trigger {
         Ok(Trigger { backbone, head })
     }
 
-    /// Zero the head: both actions equally likely everywhere. GRPO learns only from decisions
-    /// that vary within a group; a randomly initialised head on hidden states of norm ~10s is
-    /// nearly deterministic (measured on SmolLM2: the sampled policy inserted at every boundary,
-    /// so the insertion penalty never separated rollouts). Starting at maximum entropy explores.
-    pub fn zero_head(&self) -> candle_core::Result<()> {
-        for v in self.head.vars() {
-            v.set(&v.as_tensor().zeros_like()?)?;
+    /// Start the head at one policy everywhere: weights zero, bias giving probability `p_insert`
+    /// to class 1. GRPO learns only from decisions that vary within a group; a randomly
+    /// initialised head on hidden states of norm ~10s is nearly deterministic (measured on
+    /// SmolLM2: the sampled policy inserted at every boundary, so the insertion penalty never
+    /// separated rollouts). At 0.5 (the default) both actions are equally likely and the head
+    /// is all zeros.
+    pub fn init_head(&self, p_insert: f64) -> candle_core::Result<()> {
+        let w = &self.head.weight;
+        w.set(&w.as_tensor().zeros_like()?)?;
+        if let Some(b) = &self.head.bias {
+            let logit = (p_insert / (1.0 - p_insert)).ln() as f32;
+            let dt = b.as_tensor().dtype();
+            b.set(&Tensor::new(&[0f32, logit], b.as_tensor().device())?.to_dtype(dt)?)?;
         }
         Ok(())
     }
