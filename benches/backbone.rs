@@ -1,6 +1,8 @@
 //! Prefill and decode throughput of the plain backbone (run through scripts/bench-backbone.sh).
 //! Usage: cargo bench --bench backbone -- [model-path] [batch] [prompt-len] [new-tokens] [runs] [dtype]
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -8,25 +10,13 @@ use memgen::backbone::generate::{generate, ids_tensor, left_pad, Sampler, Sampli
 use memgen::backbone::model::{positions_from_mask, positions_tensor};
 use memgen::backbone::{self, Mode};
 
-/// The optional whole-number argument `name` (from the command line or the environment).
-fn whole(name: &str, v: Option<&str>, default: usize) -> anyhow::Result<usize> {
-    v.map_or(Ok(default), |s| {
-        s.parse()
-            .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {s:?}"))
-    })
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    common::main(run)
 }
 
 fn run() -> anyhow::Result<()> {
@@ -35,10 +25,10 @@ fn run() -> anyhow::Result<()> {
         .filter(|a| a != "--bench")
         .collect();
     let model = args.first().cloned().unwrap_or_else(|| "default".into());
-    let batch: usize = whole("batch", args.get(1).map(String::as_str), 1)?;
-    let plen: usize = whole("prompt-len", args.get(2).map(String::as_str), 128)?;
-    let new: usize = whole("new-tokens", args.get(3).map(String::as_str), 128)?;
-    let runs: usize = whole("runs", args.get(4).map(String::as_str), 3)?;
+    let batch: usize = common::whole("batch", args.get(1).map(String::as_str), 1)?;
+    let plen: usize = common::whole("prompt-len", args.get(2).map(String::as_str), 128)?;
+    let new: usize = common::whole("new-tokens", args.get(3).map(String::as_str), 128)?;
+    let runs: usize = common::whole("runs", args.get(4).map(String::as_str), 3)?;
     let dtype = backbone::parse_dtype(args.get(5).map(String::as_str).unwrap_or("f32"))?;
     let path = backbone::resolve_model(Some(&model))?;
     let m = backbone::load(&path, dtype, &Device::Cpu)?;

@@ -11,6 +11,8 @@
 //! Tokens are greedy. The trigger's decisions take the argmax, and with `--trigger-sample` they
 //! are also sampled at temperature 1 (seeded): the policy GRPO trained, rather than its mode.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -57,7 +59,7 @@ fn args() -> anyhow::Result<Args> {
             "--config" => a.config = next()?.into(),
             "--weaver" => a.weaver = Some(next()?.into()),
             "--trigger" => a.trigger = Some(next()?.into()),
-            "--rows" => a.rows = count("--rows", &next()?)?,
+            "--rows" => a.rows = common::whole("--rows", Some(&next()?), a.rows)?,
             "--nano-delimiters" => {
                 let v = next()?;
                 a.nano_delimiters = Some(
@@ -65,7 +67,9 @@ fn args() -> anyhow::Result<Args> {
                         .map_err(|e| anyhow::anyhow!("--nano-delimiters {v:?}: {e}"))?,
                 )
             }
-            "--max-new-tokens" => a.max_new = count("--max-new-tokens", &next()?)?,
+            "--max-new-tokens" => {
+                a.max_new = common::whole("--max-new-tokens", Some(&next()?), a.max_new)?
+            }
             "--no-vanilla" => {
                 a.vanilla = false;
                 i += 1;
@@ -88,11 +92,6 @@ fn args() -> anyhow::Result<Args> {
         i += 2;
     }
     Ok(a)
-}
-
-fn count(flag: &str, v: &str) -> anyhow::Result<usize> {
-    v.parse()
-        .map_err(|_| anyhow::anyhow!("{flag} needs a whole number, got {v:?}"))
 }
 
 /// Greedy accuracy and mean inference memories per answer; `memory` off = the plain reasoner.
@@ -164,12 +163,8 @@ fn load(spec: &MemGenSpec, dir: &std::path::Path, parts: &[Part]) -> anyhow::Res
     Ok(m)
 }
 
-/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    common::main(run)
 }
 
 fn run() -> anyhow::Result<()> {

@@ -8,6 +8,8 @@
 #[path = "../tests/reference/mod.rs"]
 mod reference;
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -18,14 +20,6 @@ use memgen::memory::teacher::TfRow;
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::tasks::{render_chatml, Message};
 use rand::SeedableRng;
-
-/// The optional whole-number argument `name` (from the command line or the environment).
-fn whole(name: &str, v: Option<&str>, default: usize) -> anyhow::Result<usize> {
-    v.map_or(Ok(default), |s| {
-        s.parse()
-            .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {s:?}"))
-    })
-}
 
 fn gsm8k_rows(n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let p =
@@ -107,12 +101,8 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Bad arguments or missing files: one line on stderr and exit status 1, no backtrace.
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    common::main(run)
 }
 
 fn run() -> anyhow::Result<()> {
@@ -121,9 +111,9 @@ fn run() -> anyhow::Result<()> {
         .filter(|a| a != "--bench")
         .collect();
     let what = args.first().map(String::as_str).unwrap_or("decode");
-    let batch: usize = whole("batch", args.get(1).map(String::as_str), 1)?;
-    let new: usize = whole("new-tokens", args.get(2).map(String::as_str), 256)?;
-    let ref_new: usize = whole("ref-new-tokens", args.get(3).map(String::as_str), 48)?;
+    let batch: usize = common::whole("batch", args.get(1).map(String::as_str), 1)?;
+    let new: usize = common::whole("new-tokens", args.get(2).map(String::as_str), 256)?;
+    let ref_new: usize = common::whole("ref-new-tokens", args.get(3).map(String::as_str), 48)?;
     let m = model()?;
     match what {
         "decode" => {
@@ -146,10 +136,11 @@ fn run() -> anyhow::Result<()> {
             };
             // Plain and memory runs alternate, REPS pairs (default 3): a drift in the machine's
             // speed then hits both sides alike; the medians and the per-pair ratios are reported.
-            let reps: usize = whole("REPS", std::env::var("REPS").ok().as_deref(), 3)?.max(1);
+            let reps: usize =
+                common::whole("REPS", std::env::var("REPS").ok().as_deref(), 3)?.max(1);
             // The nano trigger takes the first boundaries; GAP (default 40) spaces them out so the
             // five memories spread over the answer and the weaver reads most of it.
-            let gap: usize = whole("GAP", std::env::var("GAP").ok().as_deref(), 40)?;
+            let gap: usize = common::whole("GAP", std::env::var("GAP").ok().as_deref(), 40)?;
             let opts = MemoryOptions {
                 prompt_memory: true,
                 max_inference: 5,
