@@ -10,7 +10,7 @@
 #   SFT_STEPS=100 TRIGGER_STEPS=40 ROWS=100 OUT=runs/bench-learning CONFIG=configs/quickstart.yaml \
 #     scripts/bench-learning.sh
 # SFT_OPTIONS / TRIGGER_OPTIONS add `--options` key-value pairs to one phase, e.g. a weaver trained
-# with memories at line ends only, then a trigger choosing among every boundary (README, "Measured"):
+# with memories at line ends only, then a trigger choosing among every boundary (docs/EXPERIMENTS.md):
 #   CONFIG=configs/arith-trigger.yaml \
 #   SFT_OPTIONS='model.delimiters ["\n"] run.weaver.sft.insertion_probability 1.0' \
 #   TRIGGER_OPTIONS='run.trigger.grpo.scale_rewards false' scripts/bench-learning.sh

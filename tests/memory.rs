@@ -1,4 +1,4 @@
-//! MemGen's memory against a literal reference implementation of DESIGN.md (kept here, in test
+//! MemGen's memory against a literal reference implementation of docs/DESIGN.md (kept here, in test
 //! code): it recomputes the whole prefix for every token and every weaver call, one insertion point
 //! at a time. The fast paths — batched, KV-cached, rows with different insertion layouts — must give
 //! the same tokens, the same insertion points and the same logits.

@@ -45,7 +45,7 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        // No BOS/EOS post-processing: MemGen's prompts carry no BOS (DESIGN: "No BOS").
+        // No BOS/EOS post-processing: MemGen's prompts carry no BOS (docs/DESIGN.md, "Prompts and the chat template").
         let enc = self
             .inner
             .encode(text, false)

@@ -1,4 +1,4 @@
-//! Where memories go: delimiter boundaries (DESIGN.md, "Where memories go").
+//! Where memories go: delimiter boundaries (docs/DESIGN.md, "Where memories go").
 //!
 //! A boundary is a prefix whose decoded text (special tokens kept) ends with a delimiter. For
 //! single-byte ASCII delimiters that depends only on the prefix's last token — an ASCII byte is

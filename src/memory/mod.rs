@@ -1,6 +1,6 @@
 //! MemGen's memory: the weaver that turns the reasoner's context into latent embeddings, the
 //! trigger that decides when to weave, and the model that splices latents into the reasoner's
-//! input stream — teacher-forced for training and KV-cached for generation (see DESIGN.md).
+//! input stream — teacher-forced for training and KV-cached for generation (see docs/DESIGN.md).
 
 pub mod checkpoint;
 pub mod generate;

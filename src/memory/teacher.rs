@@ -1,6 +1,6 @@
 //! The teacher-forced forward used by SFT and by GRPO scoring: every row's memories are woven in
 //! order (each may read the ones before it), spliced into the reasoner's input, and the outputs are
-//! realigned one-to-one with the original tokens (DESIGN.md, "SFT loss").
+//! realigned one-to-one with the original tokens (docs/DESIGN.md, "The SFT loss").
 //!
 //! Rows are processed together: round r weaves every row's r-th memory in one weaver call, the
 //! weaver reading the context through its KV cache (so it never re-reads a prefix), and the reasoner

@@ -1,6 +1,6 @@
 //! The memory weaver: a LoRA-adapted backbone plus learned query latents, reading the reasoner's
 //! input stream through a projection and emitting K latent embeddings in the reasoner's space
-//! (DESIGN.md, "Weaving one memory").
+//! (docs/DESIGN.md, "Weaving a memory").
 
 use candle_core::{Device, Tensor, Var};
 

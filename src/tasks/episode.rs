@@ -1,5 +1,5 @@
 //! Rollouts with memory: one assistant turn for single-turn tasks, or a multi-turn search episode
-//! (DESIGN.md, "Tasks/triviaqa"). Used by `memgen eval` and by GRPO training.
+//! (docs/DESIGN.md, "Tasks and graders", triviaqa). Used by `memgen eval` and by GRPO training.
 //!
 //! Every turn re-reads the whole conversation so far as its prompt (batched over the live episodes)
 //! and may get a prompt memory right after its `<|im_start|>assistant\n`. The result records the

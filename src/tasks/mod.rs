@@ -2,7 +2,7 @@
 //!
 //! Every task turns dataset rows into [`Sample`]s (a prompt conversation, an optional SFT target and
 //! the gold fields its grader needs) and grades completions against that gold. Prompts, targets and
-//! graders follow `DESIGN.md` ("Prompts and chat template", "Tasks") exactly.
+//! graders follow `docs/DESIGN.md` ("Prompts and the chat template", "Tasks and graders") exactly.
 //!
 //! - `gsm8k`, `arith` (built-in, procedurally generated): `\boxed{}` answers, MATH normalisation.
 //! - `gpqa` / `aqua` / `mcq`: n-way multiple choice, graded like gsm8k on the letter.

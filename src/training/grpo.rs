@@ -1,4 +1,4 @@
-//! GRPO for the weaver and for the trigger (DESIGN.md, "GRPO").
+//! GRPO for the weaver and for the trigger (docs/DESIGN.md, "GRPO").
 //!
 //! One step: take the next prompts, sample G rollouts of each with memory (temperature from the
 //! config), reward them with the task, normalise rewards within each group, then update the

@@ -1,4 +1,4 @@
-//! Training: weaver SFT, weaver GRPO and trigger GRPO (DESIGN.md, "SFT loss", "GRPO").
+//! Training: weaver SFT, weaver GRPO and trigger GRPO (docs/DESIGN.md, "The SFT loss", "GRPO").
 //!
 //! Everything a run needs to continue exactly where it stopped is a pure function of the step
 //! number and the seed (data order, dropout and sampling RNGs) plus what a checkpoint stores

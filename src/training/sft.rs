@@ -24,8 +24,8 @@ use crate::memory::{Kind, MemGenModel};
 use crate::tasks::{render_chatml, Message, Sample};
 
 /// Turn samples into teacher-forcing rows: the prompt with its generation prompt, then the target,
-/// `<|im_end|>` and `\n` — those last three carry the loss (DESIGN.md, "Prompts and chat
-/// template"). Rows longer than `max_length` are cut on the answer side; samples whose prompt
+/// `<|im_end|>` and `\n` — those last three carry the loss (docs/DESIGN.md, "Prompts and the
+/// chat template"). Rows longer than `max_length` are cut on the answer side; samples whose prompt
 /// alone fills `max_length`, or without a target, are skipped (counted in the second value).
 pub fn sft_rows(
     model: &MemGenModel,

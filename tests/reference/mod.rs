@@ -1,4 +1,4 @@
-//! A literal reference implementation of DESIGN.md, kept as test code: it recomputes the whole
+//! A literal reference implementation of docs/DESIGN.md, kept as test code: it recomputes the whole
 //! prefix for every token and every weaver call, one insertion point at a time. Tests compare the
 //! fast paths against it; `benches/memory.rs` times it as the baseline.
 #![allow(dead_code)]
@@ -23,7 +23,7 @@ pub fn full_forward_mode(bb: &Backbone, x: &Tensor, mode: &mut Mode) -> Tensor {
         .unwrap()
 }
 
-/// DESIGN.md "Weaving one memory", literally: the whole context, then the K queries.
+/// docs/DESIGN.md "Weaving a memory", literally: the whole context, then the K queries.
 pub fn ref_weave(m: &MemGenModel, stream: &Tensor, kind: Kind) -> Tensor {
     ref_weave_mode(m, stream, kind, &mut Mode::Infer)
 }
