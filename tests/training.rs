@@ -238,6 +238,8 @@ fn tiny_model_overfits_four_samples() {
         out: dir.path().to_path_buf(),
         resume: None,
         stop_after: None,
+        settings: None,
+        resume_anyway: false,
     };
     let o = sft::train_sft(&m, &run, &r, &r).unwrap();
     let after = sft::eval_loss(&m, &r, 4).unwrap();
@@ -292,6 +294,8 @@ fn sft_resume_case(q: f64) {
             out: out.to_path_buf(),
             resume: None,
             stop_after: stop,
+            settings: None,
+            resume_anyway: false,
         };
         sft::train_sft(&m, &run, &r, &r[..2]).unwrap()
     };
@@ -425,6 +429,8 @@ fn grpo_runs_and_resumes_bit_identically() {
                 out: out.to_path_buf(),
                 resume: None,
                 stop_after: stop,
+                settings: None,
+                resume_anyway: false,
             };
             grpo::train_grpo(&m, &run, &Toy, None, &data, &[]).unwrap()
         };

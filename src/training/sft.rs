@@ -136,6 +136,11 @@ pub struct SftRun {
     pub resume: Option<PathBuf>,
     /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
     pub stop_after: Option<usize>,
+    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
+    /// compared on resume. None (a run driven without a config) stores and checks nothing.
+    pub settings: Option<super::resume::Settings>,
+    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
+    pub resume_anyway: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +220,7 @@ pub fn train_sft(
     let mut state = TrainerState {
         total_steps: plan.total_steps,
         kind: "sft".into(),
+        settings: run.settings.clone(),
         ..Default::default()
     };
     if let Some(dir) = find_resume(out, run.resume.as_deref())? {
@@ -226,6 +232,16 @@ pub fn train_sft(
             state.total_steps,
             plan.total_steps
         );
+        super::resume::check(
+            &dir,
+            state.settings.as_ref(),
+            run.settings.as_ref(),
+            run.resume_anyway,
+        )?;
+        if run.settings.is_some() {
+            // From here on the checkpoints record the settings this session runs with.
+            state.settings = run.settings.clone();
+        }
         eprintln!("resuming from {} at step {}", dir.display(), state.step);
     }
     let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
@@ -266,11 +282,7 @@ pub fn train_sft(
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 pb.abandon();
-                anyhow::bail!(
-                    "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
-                    s + 1,
-                    out.join(super::LAST).display()
-                );
+                return Err(super::non_finite_stop("loss", l, s + 1, out));
             }
             // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
             let w = 1.0 / micro.len() as f64;
@@ -281,11 +293,12 @@ pub fn train_sft(
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
             pb.abandon();
-            anyhow::bail!(
-                "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is in {}",
+            return Err(super::non_finite_stop(
+                "gradient norm",
+                grad_norm,
                 s + 1,
-                out.join(super::LAST).display()
-            );
+                out,
+            ));
         }
         let lr = sched.lr(s);
         opt.step(&grads, lr)?;
@@ -339,6 +352,7 @@ pub fn train_sft(
             if vl.is_finite() && state.best_metric.is_none_or(|b| vl < b) {
                 state.best_metric = Some(vl);
                 state.best_step = Some(state.step);
+                let _hold = crate::signals::critical();
                 model.save(&out.join(BEST))?;
             }
         }
@@ -361,7 +375,7 @@ pub fn train_sft(
     }
     pb.finish_and_clear();
     if stopped {
-        fail_if_interrupted(state.step, out)?;
+        fail_if_interrupted(state.step, plan.total_steps, out)?;
         return Ok(SftOutcome {
             steps: state.step,
             first_loss: first_loss.unwrap_or(f64::NAN),
@@ -381,7 +395,10 @@ pub fn train_sft(
             state.best_metric.unwrap_or(f64::NAN)
         );
     }
-    model.save(&final_dir)?;
+    {
+        let _hold = crate::signals::critical();
+        model.save(&final_dir)?;
+    }
     metrics.plot()?;
     Ok(SftOutcome {
         steps: state.step,
