@@ -90,6 +90,21 @@ impl Drop for Critical {
     }
 }
 
+/// Test hook: with `MEMGEN_PAUSE_AT_STEP=N`, wait at point N (after training step N, or after
+/// eval batch N) until a signal arrives, so the signal tests stop a real process at a known
+/// point without racing it on a loaded machine. Unset (always, outside those tests): no effect.
+pub fn pause_for_test(point: usize) {
+    let at = std::env::var("MEMGEN_PAUSE_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if at == Some(point) {
+        eprintln!("paused at step {point} (MEMGEN_PAUSE_AT_STEP)");
+        while requested().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 #[cfg(unix)]
 mod imp {
     use super::*;

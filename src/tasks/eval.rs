@@ -222,6 +222,7 @@ pub fn evaluate(
             file.sync_data()?;
         }
         bar.inc(chunk.len() as u64);
+        crate::signals::pause_for_test(b + 1);
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
             "acc {:.3}  {:.1} tok/s",

@@ -183,20 +183,6 @@ pub fn save_checkpoint(
     Ok(last)
 }
 
-/// Test hook: `MEMGEN_PAUSE_AT_STEP=N` makes a run wait after step N until a signal arrives, so
-/// the signal tests stop a real process at a known step without racing it. Unset: no effect.
-fn pause_for_signal_test(step: usize) {
-    let at = std::env::var("MEMGEN_PAUSE_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
-    if at == Some(step) {
-        eprintln!("paused at step {step} (MEMGEN_PAUSE_AT_STEP)");
-        while !interrupted() {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
-}
-
 /// End of a step: save a resumable checkpoint when one is `due` (always on the `last` step and when
 /// stopping) and redraw the curves with it. Returns whether the run stops here, before its last
 /// step (a signal, or `stop_after`).
@@ -212,7 +198,7 @@ pub fn checkpoint_after_step(
     last: bool,
     stop_after: Option<usize>,
 ) -> anyhow::Result<bool> {
-    pause_for_signal_test(state.step);
+    signals::pause_for_test(state.step);
     let stop_now = interrupted() || stop_after == Some(state.step);
     if due || last || stop_now {
         let mut st = state.clone();
