@@ -22,7 +22,7 @@ const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 
 /// A run config for the tiny model in `model_dir`: weaver SFT of 6 steps (dropout on, so the
-/// resume covers the dropout RNG), trigger GRPO of 4 steps, arith data.
+/// resume covers the dropout RNG), trigger GRPO of 4 steps with sampled decisions, arith data.
 fn write_config(dir: &Path, model_dir: &Path) -> PathBuf {
     let lora = "{r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj], lora_dropout: 0.1}";
     let yaml = format!(
@@ -30,6 +30,9 @@ fn write_config(dir: &Path, model_dir: &Path) -> PathBuf {
   reasoner_model_name: "{model}"
   max_prompt_aug_num: 1
   max_inference_aug_num: 2
+  # Letters too: the random model rarely samples punctuation, and trigger GRPO learns only where
+  # it meets boundaries (its reward varies with the insertion penalty).
+  delimiters: [",", ".", "\n", e, s, t, n]
   weaver: {{prompt_latents_len: 2, inference_latents_len: 2, peft_config: {lora}}}
   trigger: {{peft_config: {lora}}}
 datasets:
