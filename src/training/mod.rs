@@ -321,3 +321,41 @@ pub fn say(pb: &indicatif::ProgressBar, line: &str) {
         pb.println(line);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_stop_names_the_checkpoint_that_exists() {
+        let out = tempfile::tempdir().unwrap();
+        let msg = |o: &Path| non_finite_stop("loss", f64::NAN, 3, o).to_string();
+        assert!(
+            msg(out.path()).contains("no checkpoint was written yet"),
+            "{}",
+            msg(out.path())
+        );
+        let write = |name: &str, step: usize| {
+            let st = TrainerState {
+                step,
+                ..Default::default()
+            };
+            crate::util::write_atomic(
+                &out.path().join(name).join("trainer_state.json"),
+                serde_json::to_string(&st).unwrap().as_bytes(),
+            )
+            .unwrap();
+        };
+        // A swap cut between its renames leaves only the `.old` checkpoint.
+        write(LAST_OLD, 2);
+        let m = msg(out.path());
+        assert!(m.contains(LAST_OLD) && m.contains("(step 2)"), "{m}");
+        write(LAST, 4);
+        let m = msg(out.path());
+        assert!(
+            m.contains(&format!("{} (step 4)", out.path().join(LAST).display())),
+            "{m}"
+        );
+        assert!(m.starts_with("loss is NaN at step 3: stopping;"), "{m}");
+    }
+}

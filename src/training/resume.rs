@@ -372,7 +372,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("run.weaver.sft.learning_rate (1e-5 → 2e-5)")
+            e.contains("run.weaver.sft.learning_rate (0.00001 → 0.00002)")
                 && e.contains("--resume-anyway")
                 && !e.contains('\n'),
             "{e}"
