@@ -15,7 +15,6 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use candle_core::Device;
 use memgen::backbone::Arch;
 
 const SIGINT: i32 = 2;
@@ -150,20 +149,6 @@ fn stop_at(mut c: Command, at: usize, signal: i32) -> (i32, String) {
     (status.code().unwrap_or(-1), err)
 }
 
-fn read_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
-    let map = candle_core::safetensors::load(p, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let mut v: Vec<(String, Vec<f32>)> = map
-        .into_iter()
-        .map(|(k, t)| {
-            let t = t.to_dtype(candle_core::DType::F32).unwrap();
-            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 fn trainer_state(ckpt: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
         .unwrap()
@@ -198,8 +183,8 @@ fn assert_stopped_cleanly(out: &Path, step: usize, final_dir: &str, err: &str) {
 fn assert_same_tensors(a: &Path, b: &Path, files: &[&str]) {
     for f in files {
         assert_eq!(
-            read_tensors(&a.join(f)),
-            read_tensors(&b.join(f)),
+            common::read_tensors(&a.join(f)),
+            common::read_tensors(&b.join(f)),
             "{f} differs between {} and {}",
             a.display(),
             b.display()
@@ -219,11 +204,11 @@ fn sft_stopped_by_sigterm_or_sigint_resumes_bit_identical() {
         assert_eq!(got, code, "{name}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert_stopped_cleanly(&out, 3, "weaver", &err);
-        let at_stop = read_tensors(&out.join("checkpoint-last/model.safetensors"));
+        let at_stop = common::read_tensors(&out.join("checkpoint-last/model.safetensors"));
         let err = ok(train(&out));
         // Steps 4-6 moved the weaver, so the equality below is not of two untouched copies.
         assert_ne!(
-            read_tensors(&out.join("checkpoint-last/model.safetensors")),
+            common::read_tensors(&out.join("checkpoint-last/model.safetensors")),
             at_stop
         );
         assert!(err.contains("resuming from"), "{err}");
@@ -250,7 +235,7 @@ fn resume_with_changed_settings_is_refused_unless_asked() {
     };
     let (code, err) = stop_at(train(&[]), 2, SIGTERM);
     assert_eq!(code, 143, "{err}");
-    let before = read_tensors(&out.join("checkpoint-last/model.safetensors"));
+    let before = common::read_tensors(&out.join("checkpoint-last/model.safetensors"));
 
     // Another learning rate and seed: refused in one line naming both, the checkpoint untouched.
     let changed = [
@@ -276,7 +261,7 @@ fn resume_with_changed_settings_is_refused_unless_asked() {
         "{err}"
     );
     assert_eq!(
-        read_tensors(&out.join("checkpoint-last/model.safetensors")),
+        common::read_tensors(&out.join("checkpoint-last/model.safetensors")),
         before
     );
 
@@ -333,11 +318,11 @@ fn trigger_grpo_stopped_by_sigterm_resumes_bit_identical() {
     let (code, err) = stop_at(train(&out), 2, SIGTERM);
     assert_eq!(code, 143, "{err}");
     assert_stopped_cleanly(&out, 2, "trigger", &err);
-    let at_stop = read_tensors(&out.join("checkpoint-last/model.safetensors"));
+    let at_stop = common::read_tensors(&out.join("checkpoint-last/model.safetensors"));
     ok(train(&out));
     // Steps 3-4 moved the trigger, so the equality below is not of two untouched copies.
     assert_ne!(
-        read_tensors(&out.join("trigger/model.safetensors")),
+        common::read_tensors(&out.join("trigger/model.safetensors")),
         at_stop
     );
     assert_same_tensors(

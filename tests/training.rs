@@ -258,19 +258,6 @@ fn tiny_model_overfits_four_samples() {
     assert!(svg.contains("<polyline"));
 }
 
-fn read_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
-    let map = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = map
-        .into_iter()
-        .map(|(k, t)| {
-            let t = t.to_dtype(candle_core::DType::F32).unwrap();
-            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn sft_resume_is_bit_identical() {
     // Also with thinned insertion points, whose draws must resume too.
@@ -312,8 +299,8 @@ fn sft_resume_case(q: f64) {
         "weaver/model.safetensors",
     ] {
         assert_eq!(
-            read_tensors(&straight.path().join(f)),
-            read_tensors(&resumed.path().join(f)),
+            common::read_tensors(&straight.path().join(f)),
+            common::read_tensors(&resumed.path().join(f)),
             "{f} differs"
         );
     }
@@ -446,8 +433,8 @@ fn grpo_runs_and_resumes_bit_identically() {
         };
         let f = format!("{name}/model.safetensors");
         assert_eq!(
-            read_tensors(&straight.path().join(&f)),
-            read_tensors(&resumed.path().join(&f)),
+            common::read_tensors(&straight.path().join(&f)),
+            common::read_tensors(&resumed.path().join(&f)),
             "{target:?}: {f} differs"
         );
         // Training moved the policy.
@@ -455,8 +442,8 @@ fn grpo_runs_and_resumes_bit_identically() {
         let init = straight.path().join("init");
         m0.save(&init).unwrap();
         assert_ne!(
-            read_tensors(&init.join("model.safetensors")),
-            read_tensors(&straight.path().join(&f))
+            common::read_tensors(&init.join("model.safetensors")),
+            common::read_tensors(&straight.path().join(&f))
         );
         let rec = std::fs::read_to_string(straight.path().join("metrics.jsonl")).unwrap();
         assert!(rec.contains("insertions_per_sample") && rec.contains("reward_std"));

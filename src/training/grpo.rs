@@ -23,8 +23,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
-    step_rng, Plan, TrainerState, BEST,
+    checkpoint_after_step, due, fail_if_interrupted, progress, say, step_rng, Plan, TrainerState,
+    BEST,
 };
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::backbone::model::positions_tensor;
@@ -694,12 +694,6 @@ pub fn train_grpo(
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut state = TrainerState {
-        total_steps: plan.total_steps,
-        kind: target.kind().into(),
-        settings: run.settings.clone(),
-        ..Default::default()
-    };
     // The reference policy for β > 0: the starting weights (before any resume).
     let reference: Option<Vec<Tensor>> = if cfg.beta != 0.0 {
         let start = out.join("reference.safetensors");
@@ -707,27 +701,20 @@ pub fn train_grpo(
     } else {
         None
     };
-    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
-        state = load_checkpoint(&dir, model, &mut opt, &[target.part()], target.kind())?;
-        anyhow::ensure!(
-            state.total_steps == plan.total_steps,
-            "{}: the checkpoint belongs to a run of {} steps, this one has {}",
-            dir.display(),
-            state.total_steps,
-            plan.total_steps
-        );
-        super::resume::check(
-            &dir,
-            state.settings.as_ref(),
-            run.settings.as_ref(),
-            run.resume_anyway,
-        )?;
-        if run.settings.is_some() {
-            // From here on the checkpoints record the settings this session runs with.
-            state.settings = run.settings.clone();
-        }
-        eprintln!("resuming from {} at step {}", dir.display(), state.step);
-    }
+    let mut state = super::resume_or_start(
+        out,
+        run.resume.as_deref(),
+        model,
+        &mut opt,
+        &[target.part()],
+        TrainerState {
+            total_steps: plan.total_steps,
+            kind: target.kind().into(),
+            settings: run.settings.clone(),
+            ..Default::default()
+        },
+        run.resume_anyway,
+    )?;
     let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
     let phase = match target {
         Target::Weaver => "weaver grpo",

@@ -270,6 +270,13 @@ pub fn find_resume(out: &Path, explicit: Option<&Path>) -> anyhow::Result<Option
     Ok(None)
 }
 
+/// The trainer state a checkpoint recorded.
+fn read_state(dir: &Path) -> anyhow::Result<TrainerState> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
+}
+
 /// Restore weights of `parts`, optimiser moments and the trainer state from a checkpoint.
 pub fn load_checkpoint(
     dir: &Path,
@@ -278,10 +285,7 @@ pub fn load_checkpoint(
     parts: &[crate::memory::checkpoint::Part],
     kind: &str,
 ) -> anyhow::Result<TrainerState> {
-    let st: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer_state.json"))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
-    )?;
+    let st = read_state(dir)?;
     anyhow::ensure!(
         st.kind == kind,
         "{}: a `{}` checkpoint cannot resume a `{kind}` run",
@@ -298,6 +302,47 @@ pub fn load_checkpoint(
     );
     opt.load(&dir.join("optimizer.safetensors"))?;
     Ok(st)
+}
+
+/// The state a run starts from: `fresh` (step 0, this run's kind, total steps and settings), or
+/// the checkpoint [`find_resume`] finds (`explicit`, else `<out>/checkpoint-last`), loaded into
+/// `model` and `opt` once its settings pass [`resume::check`] (`anyway`: `--resume-anyway`) and
+/// its step count matches.
+#[allow(clippy::too_many_arguments)]
+pub fn resume_or_start(
+    out: &Path,
+    explicit: Option<&Path>,
+    model: &MemGenModel,
+    opt: &mut AdamW,
+    parts: &[crate::memory::checkpoint::Part],
+    fresh: TrainerState,
+    anyway: bool,
+) -> anyhow::Result<TrainerState> {
+    let Some(dir) = find_resume(out, explicit)? else {
+        return Ok(fresh);
+    };
+    // Settings first (before any weights load): a changed max_steps is then named as such.
+    let recorded = read_state(&dir)?;
+    resume::check(
+        &dir,
+        recorded.settings.as_ref(),
+        fresh.settings.as_ref(),
+        anyway,
+    )?;
+    let mut state = load_checkpoint(&dir, model, opt, parts, &fresh.kind)?;
+    anyhow::ensure!(
+        state.total_steps == fresh.total_steps,
+        "{}: the checkpoint belongs to a run of {} steps, this one has {} (same config needed to resume)",
+        dir.display(),
+        state.total_steps,
+        fresh.total_steps
+    );
+    if fresh.settings.is_some() {
+        // From here on the checkpoints record the settings this session runs with.
+        state.settings = fresh.settings;
+    }
+    eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    Ok(state)
 }
 
 /// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to

@@ -13,8 +13,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
-    step_rng, Plan, TrainerState, BEST,
+    checkpoint_after_step, due, fail_if_interrupted, progress, say, step_rng, Plan, TrainerState,
+    BEST,
 };
 use crate::backbone::Mode;
 use crate::config::SftConfig;
@@ -217,33 +217,20 @@ pub fn train_sft(
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut state = TrainerState {
-        total_steps: plan.total_steps,
-        kind: "sft".into(),
-        settings: run.settings.clone(),
-        ..Default::default()
-    };
-    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
-        state = load_checkpoint(&dir, model, &mut opt, &[Part::Weaver], "sft")?;
-        anyhow::ensure!(
-            state.total_steps == plan.total_steps,
-            "{}: the checkpoint belongs to a run of {} steps, this one has {} (same config needed to resume)",
-            dir.display(),
-            state.total_steps,
-            plan.total_steps
-        );
-        super::resume::check(
-            &dir,
-            state.settings.as_ref(),
-            run.settings.as_ref(),
-            run.resume_anyway,
-        )?;
-        if run.settings.is_some() {
-            // From here on the checkpoints record the settings this session runs with.
-            state.settings = run.settings.clone();
-        }
-        eprintln!("resuming from {} at step {}", dir.display(), state.step);
-    }
+    let mut state = super::resume_or_start(
+        out,
+        run.resume.as_deref(),
+        model,
+        &mut opt,
+        &[Part::Weaver],
+        TrainerState {
+            total_steps: plan.total_steps,
+            kind: "sft".into(),
+            settings: run.settings.clone(),
+            ..Default::default()
+        },
+        run.resume_anyway,
+    )?;
     let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
     let pb = progress(plan.total_steps, "weaver sft");
     pb.set_position(state.step as u64);

@@ -182,3 +182,18 @@ pub fn tiny_hf_dir(arch: Arch) -> (tempfile::TempDir, BaseWeights) {
         .unwrap();
     (dir, w)
 }
+
+/// Every tensor of a safetensors file as f32 values, sorted by name: bit-for-bit comparisons.
+pub fn read_tensors(p: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let map = candle_core::safetensors::load(p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut v: Vec<(String, Vec<f32>)> = map
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
