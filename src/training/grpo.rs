@@ -841,8 +841,7 @@ pub fn train_grpo(
                     };
                     let l = loss.to_scalar::<f32>()? as f64;
                     if !l.is_finite() {
-                        pb.abandon();
-                        return Err(super::non_finite_stop("loss", l, s + 1, out));
+                        return Err(super::non_finite_stop(&pb, "loss", l, s + 1, out));
                     }
                     loss_sum += l / iters as f64;
                     let gs = loss.backward()?;
@@ -854,8 +853,8 @@ pub fn train_grpo(
             if any {
                 grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
                 if !grad_norm.is_finite() {
-                    pb.abandon();
                     return Err(super::non_finite_stop(
+                        &pb,
                         "gradient norm",
                         grad_norm,
                         s + 1,

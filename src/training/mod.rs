@@ -227,8 +227,16 @@ pub fn fail_if_interrupted(step: usize, total: usize, out: &Path) -> anyhow::Res
 }
 
 /// The error for a non-finite loss or gradient norm at `step`, naming the checkpoint that really
-/// exists in `out` (none yet, `checkpoint-last`, or the `.old` one a cut swap left).
-pub fn non_finite_stop(what: &str, value: f64, step: usize, out: &Path) -> anyhow::Error {
+/// exists in `out` (none yet, `checkpoint-last`, or the `.old` one a cut swap left). Leaves the
+/// progress bar `pb` where it stopped.
+pub fn non_finite_stop(
+    pb: &indicatif::ProgressBar,
+    what: &str,
+    value: f64,
+    step: usize,
+    out: &Path,
+) -> anyhow::Error {
+    pb.abandon();
     let good = [LAST, LAST_OLD]
         .iter()
         .map(|n| out.join(n))
@@ -374,7 +382,8 @@ mod tests {
     #[test]
     fn non_finite_stop_names_the_checkpoint_that_exists() {
         let out = tempfile::tempdir().unwrap();
-        let msg = |o: &Path| non_finite_stop("loss", f64::NAN, 3, o).to_string();
+        let pb = indicatif::ProgressBar::hidden();
+        let msg = |o: &Path| non_finite_stop(&pb, "loss", f64::NAN, 3, o).to_string();
         assert!(
             msg(out.path()).contains("no checkpoint was written yet"),
             "{}",

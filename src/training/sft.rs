@@ -268,8 +268,7 @@ pub fn train_sft(
             let (loss, _) = model.sft_loss(&batch, &mut Mode::Train(&mut rng))?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
-                pb.abandon();
-                return Err(super::non_finite_stop("loss", l, s + 1, out));
+                return Err(super::non_finite_stop(&pb, "loss", l, s + 1, out));
             }
             // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
             let w = 1.0 / micro.len() as f64;
@@ -279,8 +278,8 @@ pub fn train_sft(
         }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            pb.abandon();
             return Err(super::non_finite_stop(
+                &pb,
                 "gradient norm",
                 grad_norm,
                 s + 1,
