@@ -316,7 +316,6 @@ pub fn load_checkpoint(
 /// the checkpoint [`find_resume`] finds (`explicit`, else `<out>/checkpoint-last`), loaded into
 /// `model` and `opt` once its settings pass [`resume::check`] (`anyway`: `--resume-anyway`) and
 /// its step count matches.
-#[allow(clippy::too_many_arguments)]
 pub fn resume_or_start(
     out: &Path,
     explicit: Option<&Path>,
