@@ -460,6 +460,8 @@ fn one_step(target: grpo::Target, out: &Path) {
         out: out.to_path_buf(),
         resume: None,
         stop_after: None,
+        settings: None,
+        resume_anyway: false,
     };
     let o = grpo::train_grpo(&m, &run, setup.task.as_ref(), Some(&env), &setup.train, &[]).unwrap();
     assert_eq!(o.steps, 1);
@@ -518,6 +520,8 @@ fn grpo_without_the_search_environment_is_an_error() {
         out: dir.path().to_path_buf(),
         resume: None,
         stop_after: None,
+        settings: None,
+        resume_anyway: false,
     };
     let err = grpo::train_grpo(&m, &run, setup.task.as_ref(), None, &setup.train, &[])
         .unwrap_err()

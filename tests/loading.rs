@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use memgen::backbone::{self, Arch, BaseWeights};
+use memgen::backbone::{self, Arch};
 
 fn memgen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_memgen"))
@@ -64,25 +64,10 @@ fn truncated_gguf() {
     assert_one_line_error(&["score", "--model", p, "--text", "hi"], "cut.gguf");
 }
 
-/// A tiny random model saved as a Hugging Face directory, with SmolLM2's tokenizer.
-fn tiny_hf_dir(arch: Arch) -> (tempfile::TempDir, BaseWeights) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::tiny_config(arch);
-    cfg.vocab_size = 49152; // SmolLM2's tokenizer
-    let w = BaseWeights::random(cfg, 11, &Device::Cpu).unwrap();
-    w.save_hf_dir(dir.path()).unwrap();
-    let smol = backbone::load(&common::model("smollm2"), DType::F32, &Device::Cpu).unwrap();
-    smol.tokenizer
-        .inner
-        .save(dir.path().join("tokenizer.json"), false)
-        .unwrap();
-    (dir, w)
-}
-
 #[test]
 fn hf_directory_loads_and_matches() {
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let (dir, w) = tiny_hf_dir(arch);
+        let (dir, w) = common::tiny_hf_dir(arch);
         let m = backbone::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(m.backbone.config(), &w.config);
         let d = common::max_abs_diff(&m.backbone.weights.layers[1].q_proj, &w.layers[1].q_proj);
@@ -105,7 +90,7 @@ fn hf_directory_loads_and_matches() {
 
 #[test]
 fn bad_hf_directories() {
-    let (dir, _) = tiny_hf_dir(Arch::Qwen2);
+    let (dir, _) = common::tiny_hf_dir(Arch::Qwen2);
     let p = dir.path().to_str().unwrap().to_string();
     let st = dir.path().join("model.safetensors");
     let cfg = dir.path().join("config.json");

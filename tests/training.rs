@@ -238,6 +238,8 @@ fn tiny_model_overfits_four_samples() {
         out: dir.path().to_path_buf(),
         resume: None,
         stop_after: None,
+        settings: None,
+        resume_anyway: false,
     };
     let o = sft::train_sft(&m, &run, &r, &r).unwrap();
     let after = sft::eval_loss(&m, &r, 4).unwrap();
@@ -254,19 +256,6 @@ fn tiny_model_overfits_four_samples() {
     }
     let svg = std::fs::read_to_string(dir.path().join("curves.svg")).unwrap();
     assert!(svg.contains("<polyline"));
-}
-
-fn read_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
-    let map = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = map
-        .into_iter()
-        .map(|(k, t)| {
-            let t = t.to_dtype(candle_core::DType::F32).unwrap();
-            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]
@@ -292,6 +281,8 @@ fn sft_resume_case(q: f64) {
             out: out.to_path_buf(),
             resume: None,
             stop_after: stop,
+            settings: None,
+            resume_anyway: false,
         };
         sft::train_sft(&m, &run, &r, &r[..2]).unwrap()
     };
@@ -308,8 +299,8 @@ fn sft_resume_case(q: f64) {
         "weaver/model.safetensors",
     ] {
         assert_eq!(
-            read_tensors(&straight.path().join(f)),
-            read_tensors(&resumed.path().join(f)),
+            common::read_tensors(&straight.path().join(f)),
+            common::read_tensors(&resumed.path().join(f)),
             "{f} differs"
         );
     }
@@ -425,6 +416,8 @@ fn grpo_runs_and_resumes_bit_identically() {
                 out: out.to_path_buf(),
                 resume: None,
                 stop_after: stop,
+                settings: None,
+                resume_anyway: false,
             };
             grpo::train_grpo(&m, &run, &Toy, None, &data, &[]).unwrap()
         };
@@ -440,8 +433,8 @@ fn grpo_runs_and_resumes_bit_identically() {
         };
         let f = format!("{name}/model.safetensors");
         assert_eq!(
-            read_tensors(&straight.path().join(&f)),
-            read_tensors(&resumed.path().join(&f)),
+            common::read_tensors(&straight.path().join(&f)),
+            common::read_tensors(&resumed.path().join(&f)),
             "{target:?}: {f} differs"
         );
         // Training moved the policy.
@@ -449,8 +442,8 @@ fn grpo_runs_and_resumes_bit_identically() {
         let init = straight.path().join("init");
         m0.save(&init).unwrap();
         assert_ne!(
-            read_tensors(&init.join("model.safetensors")),
-            read_tensors(&straight.path().join(&f))
+            common::read_tensors(&init.join("model.safetensors")),
+            common::read_tensors(&straight.path().join(&f))
         );
         let rec = std::fs::read_to_string(straight.path().join("metrics.jsonl")).unwrap();
         assert!(rec.contains("insertions_per_sample") && rec.contains("reward_std"));

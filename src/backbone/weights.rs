@@ -389,9 +389,11 @@ impl BaseWeights {
         }
         std::fs::create_dir_all(dir)?;
         let map: HashMap<String, Tensor> = t.into_iter().collect();
-        let tmp = dir.join(".model.safetensors.tmp");
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".model.safetensors.")
+            .tempfile_in(dir)?;
+        candle_core::safetensors::save(&map, tmp.path())?;
+        crate::util::persist(tmp, &dir.join("model.safetensors"))?;
         let (model_type, arch) = match c.arch {
             Arch::Llama => ("llama", "LlamaForCausalLM"),
             Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),

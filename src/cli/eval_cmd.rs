@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use clap::Args;
 
@@ -12,7 +11,7 @@ use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::{MemGenModel, MemGenSpec};
 use crate::tasks::episode::EpisodeOptions;
-use crate::tasks::eval::{evaluate, EvalSettings, STOP};
+use crate::tasks::eval::{evaluate, EvalSettings};
 use crate::tasks::search::SearchEnv;
 use crate::tasks::{build_task, Split};
 
@@ -200,13 +199,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         dir: dir.clone(),
         info,
     };
-    // First Ctrl-C: finish the batch in flight (its rows are kept), then stop; second: exit now.
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current batch (Ctrl-C again to quit now)");
-    });
+    // First SIGINT/SIGTERM: finish the batch in flight (its rows are kept), then stop with exit
+    // code 128 + signal; a second one exits at once (after a row write in progress).
+    crate::signals::install("finishing the current batch, then stopping");
     let metrics = evaluate(&model, task.as_ref(), &samples, env.as_ref(), &settings)?;
     println!("{}", serde_json::to_string(&metrics)?);
     eprintln!("eval: wrote {}", dir.display());

@@ -66,6 +66,11 @@ pub fn main() -> i32 {
     init_tracing();
     match run(cli) {
         Ok(()) => 0,
+        // A run stopped by a signal says where its checkpoint is, and exits 128 + the signal.
+        Err(e) if e.is::<crate::signals::Interrupted>() => {
+            eprintln!("{}", one_line(&e));
+            crate::signals::exit_code_of(&e)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             1

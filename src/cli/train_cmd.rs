@@ -11,7 +11,7 @@ use crate::memory::MemGenModel;
 use crate::retrieval::client::HttpRetriever;
 use crate::tasks::search::{check_retriever, SearchEnv};
 use crate::tasks::{build_task, Split};
-use crate::training::{self, grpo, sft};
+use crate::training::{self, grpo, resume, sft};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -30,6 +30,11 @@ pub struct TrainArgs {
     /// Resume from a checkpoint directory (default: `<output_dir>/checkpoint-last` when present).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Resume even if the settings that shape the result (model, data, seed, optimiser,
+    /// schedule, memory layout, batch shape, GRPO settings) differ from the checkpoint's run;
+    /// the changed keys are logged. Without it such a resume is refused.
+    #[arg(long)]
+    pub resume_anyway: bool,
 }
 
 /// Which subcommand is running.
@@ -110,7 +115,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             );
         }
     }
-    training::install_ctrlc();
+    training::install_signal_handlers();
     let limit = |mut v: Vec<crate::tasks::Sample>, n: Option<usize>| {
         if let Some(n) = n {
             v.truncate(n);
@@ -147,6 +152,8 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
                 out: out.clone(),
                 resume: args.resume.clone(),
                 stop_after: None,
+                settings: Some(resume::settings(&cfg, "sft")?),
+                resume_anyway: args.resume_anyway,
             };
             let o = sft::train_sft(&model, &run, &tr, &va)?;
             println!(
@@ -167,17 +174,20 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             };
             let train = limit(train_samples, g.max_train_samples);
             let valid = limit(valid_samples, g.max_eval_samples);
+            let target = if w == Which::Weaver {
+                grpo::Target::Weaver
+            } else {
+                grpo::Target::Trigger
+            };
             let run = grpo::GrpoRun {
                 cfg: g.clone(),
-                target: if w == Which::Weaver {
-                    grpo::Target::Weaver
-                } else {
-                    grpo::Target::Trigger
-                },
+                target,
                 seed: cfg.run.seed,
                 out: out.clone(),
                 resume: args.resume.clone(),
                 stop_after: None,
+                settings: Some(resume::settings(&cfg, target.kind())?),
+                resume_anyway: args.resume_anyway,
             };
             eprintln!(
                 "{} grpo on {}: {} train prompts, {} validation prompts → {}",

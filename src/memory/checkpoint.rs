@@ -81,9 +81,7 @@ impl MemGenModel {
             .prefix(".model.safetensors.")
             .tempfile_in(dir)?;
         candle_core::safetensors::save(&map, tmp.path())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(dir.join("model.safetensors"))
-            .map_err(|e| anyhow::anyhow!("saving {}: {}", dir.display(), e.error))?;
+        crate::util::persist(tmp, &dir.join("model.safetensors"))?;
         crate::util::write_atomic(
             &dir.join("memgen.json"),
             serde_json::to_string_pretty(&self.spec)?.as_bytes(),

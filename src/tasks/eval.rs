@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -135,9 +134,6 @@ fn check_settings(
     crate::util::write_atomic(&path, serde_json::to_string_pretty(info)?.as_bytes())
 }
 
-/// Set by a Ctrl-C handler: finish the current batch, then stop.
-pub static STOP: AtomicBool = AtomicBool::new(false);
-
 /// Evaluate `samples`, resuming from `<dir>/answers.jsonl`. Returns the metrics written.
 pub fn evaluate(
     model: &MemGenModel,
@@ -174,6 +170,8 @@ pub fn evaluate(
         .append(true)
         .open(&answers)
         .with_context(|| format!("opening {}", answers.display()))?;
+    // A new answers file is a new directory entry: sync it so the rows appended later are findable.
+    crate::util::sync_dir(dir)?;
 
     let bar = indicatif::ProgressBar::new(todo.len() as u64);
     bar.set_style(
@@ -189,7 +187,8 @@ pub fn evaluate(
     let mut reward_sum: f64 = rows.iter().map(|r| r.row.reward).sum();
     let bs = settings.batch_size.max(1);
     for (b, chunk) in todo.chunks(bs).enumerate() {
-        if STOP.load(Ordering::SeqCst) {
+        // SIGINT/SIGTERM (crate::signals): stop between batches; the rows so far are on disk.
+        if crate::signals::requested().is_some() {
             break;
         }
         let batch: Vec<Sample> = chunk.iter().map(|s| (*s).clone()).collect();
@@ -215,10 +214,15 @@ pub fn evaluate(
             rows.push(row);
             new_rows += 1;
         }
-        // One write per batch, then fsync: a kill leaves whole rows (or one torn last line).
-        file.write_all(out.as_bytes())?;
-        file.sync_data()?;
+        // One write per batch, then fsync, not aborted midway by a second signal: the file only
+        // ever gains whole rows (a SIGKILL can still tear the last line; read_answers cuts it).
+        {
+            let _hold = crate::signals::critical();
+            file.write_all(out.as_bytes())?;
+            file.sync_data()?;
+        }
         bar.inc(chunk.len() as u64);
+        crate::signals::pause_for_test(b + 1);
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
             "acc {:.3}  {:.1} tok/s",
@@ -230,6 +234,19 @@ pub fn evaluate(
     let wall = started.elapsed().as_secs_f64();
     eprintln!("eval: generated {new_rows} rows in {wall:.1}s");
     if rows.len() < samples.len() {
+        if let Some(sig) = crate::signals::requested() {
+            return Err(crate::signals::Interrupted {
+                signal: sig,
+                message: format!(
+                    "stopped by {} after {} of {} rows (kept in {}); run the same command again to resume",
+                    crate::signals::name(sig),
+                    rows.len(),
+                    samples.len(),
+                    answers.display()
+                ),
+            }
+            .into());
+        }
         anyhow::bail!(
             "interrupted after {} of {} rows; run the same command again to resume",
             rows.len(),

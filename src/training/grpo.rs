@@ -23,8 +23,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
-    step_rng, Plan, TrainerState, BEST, LAST,
+    checkpoint_after_step, due, fail_if_interrupted, progress, say, step_rng, Plan, TrainerState,
+    BEST,
 };
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::backbone::model::positions_tensor;
@@ -45,7 +45,8 @@ pub enum Target {
 }
 
 impl Target {
-    fn kind(self) -> &'static str {
+    /// The `TrainerState::kind` of a run training this part.
+    pub fn kind(self) -> &'static str {
         match self {
             Target::Weaver => "weaver-grpo",
             Target::Trigger => "trigger-grpo",
@@ -68,6 +69,11 @@ pub struct GrpoRun {
     pub resume: Option<PathBuf>,
     /// Stop with a resumable checkpoint after this many steps (tests).
     pub stop_after: Option<usize>,
+    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
+    /// compared on resume. None (a run driven without a config) stores and checks nothing.
+    pub settings: Option<super::resume::Settings>,
+    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
+    pub resume_anyway: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -688,11 +694,6 @@ pub fn train_grpo(
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut state = TrainerState {
-        total_steps: plan.total_steps,
-        kind: target.kind().into(),
-        ..Default::default()
-    };
     // The reference policy for β > 0: the starting weights (before any resume).
     let reference: Option<Vec<Tensor>> = if cfg.beta != 0.0 {
         let start = out.join("reference.safetensors");
@@ -700,17 +701,20 @@ pub fn train_grpo(
     } else {
         None
     };
-    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
-        state = load_checkpoint(&dir, model, &mut opt, &[target.part()], target.kind())?;
-        anyhow::ensure!(
-            state.total_steps == plan.total_steps,
-            "{}: the checkpoint belongs to a run of {} steps, this one has {}",
-            dir.display(),
-            state.total_steps,
-            plan.total_steps
-        );
-        eprintln!("resuming from {} at step {}", dir.display(), state.step);
-    }
+    let mut state = super::resume_or_start(
+        out,
+        run.resume.as_deref(),
+        model,
+        &mut opt,
+        &[target.part()],
+        TrainerState {
+            total_steps: plan.total_steps,
+            kind: target.kind().into(),
+            settings: run.settings.clone(),
+            ..Default::default()
+        },
+        run.resume_anyway,
+    )?;
     let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
     let phase = match target {
         Target::Weaver => "weaver grpo",
@@ -837,12 +841,7 @@ pub fn train_grpo(
                     };
                     let l = loss.to_scalar::<f32>()? as f64;
                     if !l.is_finite() {
-                        pb.abandon();
-                        anyhow::bail!(
-                            "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
-                            s + 1,
-                            out.join(LAST).display()
-                        );
+                        return Err(super::non_finite_stop(&pb, "loss", l, s + 1, out));
                     }
                     loss_sum += l / iters as f64;
                     let gs = loss.backward()?;
@@ -853,12 +852,15 @@ pub fn train_grpo(
             lr = sched.lr(s * iters + it);
             if any {
                 grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-                anyhow::ensure!(
-                    grad_norm.is_finite(),
-                    "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is in {}",
-                    s + 1,
-                    out.join(LAST).display()
-                );
+                if !grad_norm.is_finite() {
+                    return Err(super::non_finite_stop(
+                        &pb,
+                        "gradient norm",
+                        grad_norm,
+                        s + 1,
+                        out,
+                    ));
+                }
                 opt.step(&grads, lr)?;
             }
         }
@@ -930,6 +932,7 @@ pub fn train_grpo(
             if state.best_metric.is_none_or(|b| -vr < b) {
                 state.best_metric = Some(-vr);
                 state.best_step = Some(state.step);
+                let _hold = crate::signals::critical();
                 model.save(&out.join(BEST))?;
             }
         }
@@ -952,7 +955,7 @@ pub fn train_grpo(
     }
     pb.finish_and_clear();
     if stopped {
-        fail_if_interrupted(state.step, out)?;
+        fail_if_interrupted(state.step, plan.total_steps, out)?;
         return Ok(GrpoOutcome {
             steps: state.step,
             first_reward: first_reward.unwrap_or(f64::NAN),
@@ -975,7 +978,10 @@ pub fn train_grpo(
             -state.best_metric.unwrap_or(f64::NAN)
         );
     }
-    model.save(&final_dir)?;
+    {
+        let _hold = crate::signals::critical();
+        model.save(&final_dir)?;
+    }
     metrics.plot()?;
     Ok(GrpoOutcome {
         steps: state.step,
@@ -1023,7 +1029,6 @@ fn reference_values(
         .prefix(".reference.")
         .tempfile_in(file.parent().unwrap_or(Path::new(".")))?;
     candle_core::safetensors::save(&map, tmp.path())?;
-    tmp.persist(file)
-        .map_err(|e| anyhow::anyhow!("saving {}: {}", file.display(), e.error))?;
+    crate::util::persist(tmp, file)?;
     Ok(named.into_iter().map(|(_, t)| t).collect())
 }

@@ -49,7 +49,9 @@ impl Metrics {
             .append(true)
             .create(true)
             .open(&self.file)?;
-        writeln!(f, "{rec}")?;
+        // One write of the whole line, not aborted by a second signal: no torn records.
+        let _hold = crate::signals::critical();
+        f.write_all(format!("{rec}\n").as_bytes())?;
         self.records.push(rec);
         Ok(())
     }

@@ -8,38 +8,29 @@
 pub mod grpo;
 pub mod metrics;
 pub mod optim;
+pub mod resume;
 pub mod schedule;
 pub mod sft;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::MemGenModel;
+use crate::signals;
 use optim::AdamW;
 
-/// Set by Ctrl-C; loops check it after every optimiser step.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Install the Ctrl-C handler (once per process): the first Ctrl-C asks the loop to save a
-/// resumable checkpoint and stop; a second one exits at once.
-pub fn install_ctrlc() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: saving a resumable checkpoint after this step (Ctrl-C again to abort)");
-        });
-    });
+/// Install the SIGINT/SIGTERM handlers (once per process): the first signal asks the loop to save
+/// a resumable checkpoint after the current step and stop; a second one exits at once.
+pub fn install_signal_handlers() {
+    signals::install("saving a resumable checkpoint after this step");
 }
 
+/// Has a signal asked the run to stop?
 pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+    signals::requested().is_some()
 }
 
 /// What `trainer_state.json` records beside a checkpoint.
@@ -55,6 +46,10 @@ pub struct TrainerState {
     pub elapsed: f64,
     /// `sft`, `weaver-grpo` or `trigger-grpo`: a checkpoint resumes only the same kind of run.
     pub kind: String,
+    /// The settings that shape the result (see [`resume`]), compared when resuming. Absent in
+    /// checkpoints written before memgen recorded them, and for runs started without a config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<resume::Settings>,
 }
 
 /// An RNG for one purpose at one step: independent of everything before it, so resuming needs
@@ -154,15 +149,21 @@ pub fn due(strategy: &str, every: usize, plan: &Plan, s: usize) -> bool {
 
 pub const LAST: &str = "checkpoint-last";
 pub const BEST: &str = "checkpoint-best";
+/// The previous `checkpoint-last`, present only when a swap was cut between its two renames.
+pub const LAST_OLD: &str = "checkpoint-last.old";
 
-/// Save a resumable checkpoint to `<out>/checkpoint-last/`: written in full to a scratch
-/// directory first, then swapped in, so a crash leaves either the old or the new one.
+/// Save a resumable checkpoint to `<out>/checkpoint-last/`: written in full (every file fsynced)
+/// to a scratch directory first, then swapped in with durable renames, so a crash or a kill leaves
+/// either the old checkpoint or the new one — `checkpoint-last`, or `checkpoint-last.old` when
+/// the kill fell between the two renames ([`find_resume`] looks there too). A second signal
+/// during the write waits for it to finish (see [`signals::critical`]).
 pub fn save_checkpoint(
     out: &Path,
     model: &MemGenModel,
     opt: &AdamW,
     state: &TrainerState,
 ) -> anyhow::Result<PathBuf> {
+    let _hold = signals::critical();
     let tmp = out.join("checkpoint-last.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     model.save(&tmp)?;
@@ -172,19 +173,19 @@ pub fn save_checkpoint(
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     let last = out.join(LAST);
-    let old = out.join("checkpoint-last.old");
+    let old = out.join(LAST_OLD);
     if last.exists() {
         let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&last, &old)?;
+        crate::util::rename_durable(&last, &old)?;
     }
-    std::fs::rename(&tmp, &last)?;
+    crate::util::rename_durable(&tmp, &last)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(last)
 }
 
 /// End of a step: save a resumable checkpoint when one is `due` (always on the `last` step and when
 /// stopping) and redraw the curves with it. Returns whether the run stops here, before its last
-/// step (Ctrl-C, or `stop_after`).
+/// step (a signal, or `stop_after`).
 #[allow(clippy::too_many_arguments)]
 pub fn checkpoint_after_step(
     out: &Path,
@@ -197,6 +198,7 @@ pub fn checkpoint_after_step(
     last: bool,
     stop_after: Option<usize>,
 ) -> anyhow::Result<bool> {
+    signals::pause_for_test(state.step);
     let stop_now = interrupted() || stop_after == Some(state.step);
     if due || last || stop_now {
         let mut st = state.clone();
@@ -207,15 +209,53 @@ pub fn checkpoint_after_step(
     Ok(stop_now && !last)
 }
 
-/// A run that stopped early: an error telling how to resume when Ctrl-C stopped it.
-pub fn fail_if_interrupted(step: usize, out: &Path) -> anyhow::Result<()> {
-    if interrupted() {
-        anyhow::bail!(
-            "interrupted at step {step}: resume with --resume {}",
-            out.join(LAST).display()
-        );
+/// A run that stopped early: when a signal stopped it, an [`signals::Interrupted`] error saying
+/// where the checkpoint is and how to resume (the CLI exits 128 + the signal).
+pub fn fail_if_interrupted(step: usize, total: usize, out: &Path) -> anyhow::Result<()> {
+    if let Some(sig) = signals::requested() {
+        return Err(signals::Interrupted {
+            signal: sig,
+            message: format!(
+                "stopped by {} after step {step} of {total}: checkpoint saved in {}; run the same command again to resume (it picks up {LAST} in the output directory)",
+                signals::name(sig),
+                out.join(LAST).display()
+            ),
+        }
+        .into());
     }
     Ok(())
+}
+
+/// The error for a non-finite loss or gradient norm at `step`, naming the checkpoint that really
+/// exists in `out` (none yet, `checkpoint-last`, or the `.old` one a cut swap left). Leaves the
+/// progress bar `pb` where it stopped.
+pub fn non_finite_stop(
+    pb: &indicatif::ProgressBar,
+    what: &str,
+    value: f64,
+    step: usize,
+    out: &Path,
+) -> anyhow::Error {
+    pb.abandon();
+    let good = [LAST, LAST_OLD]
+        .iter()
+        .map(|n| out.join(n))
+        .find_map(|d| {
+            let text = std::fs::read_to_string(d.join("trainer_state.json")).ok()?;
+            let st: TrainerState = serde_json::from_str(&text).ok()?;
+            Some(format!(
+                "the last good checkpoint is {} (step {}); resume from it with a lower learning rate and --resume-anyway",
+                d.display(),
+                st.step
+            ))
+        })
+        .unwrap_or_else(|| {
+            format!(
+                "no checkpoint was written yet in {} (lower the learning rate and start again)",
+                out.display()
+            )
+        });
+    anyhow::anyhow!("{what} is {value} at step {step}: stopping; {good}")
 }
 
 /// The checkpoint to resume from: `explicit`, else `<out>/checkpoint-last/` when it exists (or the
@@ -229,13 +269,20 @@ pub fn find_resume(out: &Path, explicit: Option<&Path>) -> anyhow::Result<Option
         );
         return Ok(Some(d.to_path_buf()));
     }
-    for name in [LAST, "checkpoint-last.old"] {
+    for name in [LAST, LAST_OLD] {
         let d = out.join(name);
         if d.join("trainer_state.json").is_file() {
             return Ok(Some(d));
         }
     }
     Ok(None)
+}
+
+/// The trainer state a checkpoint recorded.
+fn read_state(dir: &Path) -> anyhow::Result<TrainerState> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
 }
 
 /// Restore weights of `parts`, optimiser moments and the trainer state from a checkpoint.
@@ -246,10 +293,7 @@ pub fn load_checkpoint(
     parts: &[crate::memory::checkpoint::Part],
     kind: &str,
 ) -> anyhow::Result<TrainerState> {
-    let st: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer_state.json"))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
-    )?;
+    let st = read_state(dir)?;
     anyhow::ensure!(
         st.kind == kind,
         "{}: a `{}` checkpoint cannot resume a `{kind}` run",
@@ -266,6 +310,46 @@ pub fn load_checkpoint(
     );
     opt.load(&dir.join("optimizer.safetensors"))?;
     Ok(st)
+}
+
+/// The state a run starts from: `fresh` (step 0, this run's kind, total steps and settings), or
+/// the checkpoint [`find_resume`] finds (`explicit`, else `<out>/checkpoint-last`), loaded into
+/// `model` and `opt` once its settings pass [`resume::check`] (`anyway`: `--resume-anyway`) and
+/// its step count matches.
+pub fn resume_or_start(
+    out: &Path,
+    explicit: Option<&Path>,
+    model: &MemGenModel,
+    opt: &mut AdamW,
+    parts: &[crate::memory::checkpoint::Part],
+    fresh: TrainerState,
+    anyway: bool,
+) -> anyhow::Result<TrainerState> {
+    let Some(dir) = find_resume(out, explicit)? else {
+        return Ok(fresh);
+    };
+    // Settings first (before any weights load): a changed max_steps is then named as such.
+    let recorded = read_state(&dir)?;
+    resume::check(
+        &dir,
+        recorded.settings.as_ref(),
+        fresh.settings.as_ref(),
+        anyway,
+    )?;
+    let mut state = load_checkpoint(&dir, model, opt, parts, &fresh.kind)?;
+    anyhow::ensure!(
+        state.total_steps == fresh.total_steps,
+        "{}: the checkpoint belongs to a run of {} steps, this one has {} (same config needed to resume)",
+        dir.display(),
+        state.total_steps,
+        fresh.total_steps
+    );
+    if fresh.settings.is_some() {
+        // From here on the checkpoints record the settings this session runs with.
+        state.settings = fresh.settings;
+    }
+    eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    Ok(state)
 }
 
 /// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to
@@ -287,5 +371,44 @@ pub fn say(pb: &indicatif::ProgressBar, line: &str) {
         eprintln!("{line}");
     } else {
         pb.println(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_stop_names_the_checkpoint_that_exists() {
+        let out = tempfile::tempdir().unwrap();
+        let pb = indicatif::ProgressBar::hidden();
+        let msg = |o: &Path| non_finite_stop(&pb, "loss", f64::NAN, 3, o).to_string();
+        assert!(
+            msg(out.path()).contains("no checkpoint was written yet"),
+            "{}",
+            msg(out.path())
+        );
+        let write = |name: &str, step: usize| {
+            let st = TrainerState {
+                step,
+                ..Default::default()
+            };
+            crate::util::write_atomic(
+                &out.path().join(name).join("trainer_state.json"),
+                serde_json::to_string(&st).unwrap().as_bytes(),
+            )
+            .unwrap();
+        };
+        // A swap cut between its renames leaves only the `.old` checkpoint.
+        write(LAST_OLD, 2);
+        let m = msg(out.path());
+        assert!(m.contains(LAST_OLD) && m.contains("(step 2)"), "{m}");
+        write(LAST, 4);
+        let m = msg(out.path());
+        assert!(
+            m.contains(&format!("{} (step 4)", out.path().join(LAST).display())),
+            "{m}"
+        );
+        assert!(m.starts_with("loss is NaN at step 3: stopping;"), "{m}");
     }
 }

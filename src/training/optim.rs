@@ -90,10 +90,7 @@ impl AdamW {
             .prefix(".optimizer.")
             .tempfile_in(dir)?;
         candle_core::safetensors::save(&map, tmp.path())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(file)
-            .map_err(|e| anyhow::anyhow!("saving {}: {}", file.display(), e.error))?;
-        Ok(())
+        crate::util::persist(tmp, file)
     }
 
     pub fn load(&mut self, file: &Path) -> anyhow::Result<()> {

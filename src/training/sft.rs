@@ -13,8 +13,8 @@ use super::metrics::{record, Metrics};
 use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::{
-    checkpoint_after_step, due, fail_if_interrupted, find_resume, load_checkpoint, progress, say,
-    step_rng, Plan, TrainerState, BEST,
+    checkpoint_after_step, due, fail_if_interrupted, progress, say, step_rng, Plan, TrainerState,
+    BEST,
 };
 use crate::backbone::Mode;
 use crate::config::SftConfig;
@@ -136,6 +136,11 @@ pub struct SftRun {
     pub resume: Option<PathBuf>,
     /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
     pub stop_after: Option<usize>,
+    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
+    /// compared on resume. None (a run driven without a config) stores and checks nothing.
+    pub settings: Option<super::resume::Settings>,
+    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
+    pub resume_anyway: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -212,22 +217,20 @@ pub fn train_sft(
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut state = TrainerState {
-        total_steps: plan.total_steps,
-        kind: "sft".into(),
-        ..Default::default()
-    };
-    if let Some(dir) = find_resume(out, run.resume.as_deref())? {
-        state = load_checkpoint(&dir, model, &mut opt, &[Part::Weaver], "sft")?;
-        anyhow::ensure!(
-            state.total_steps == plan.total_steps,
-            "{}: the checkpoint belongs to a run of {} steps, this one has {} (same config needed to resume)",
-            dir.display(),
-            state.total_steps,
-            plan.total_steps
-        );
-        eprintln!("resuming from {} at step {}", dir.display(), state.step);
-    }
+    let mut state = super::resume_or_start(
+        out,
+        run.resume.as_deref(),
+        model,
+        &mut opt,
+        &[Part::Weaver],
+        TrainerState {
+            total_steps: plan.total_steps,
+            kind: "sft".into(),
+            settings: run.settings.clone(),
+            ..Default::default()
+        },
+        run.resume_anyway,
+    )?;
     let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
     let pb = progress(plan.total_steps, "weaver sft");
     pb.set_position(state.step as u64);
@@ -265,12 +268,7 @@ pub fn train_sft(
             let (loss, _) = model.sft_loss(&batch, &mut Mode::Train(&mut rng))?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
-                pb.abandon();
-                anyhow::bail!(
-                    "loss is {l} at step {}: stopping; the last good checkpoint is in {}",
-                    s + 1,
-                    out.join(super::LAST).display()
-                );
+                return Err(super::non_finite_stop(&pb, "loss", l, s + 1, out));
             }
             // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
             let w = 1.0 / micro.len() as f64;
@@ -280,12 +278,13 @@ pub fn train_sft(
         }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            pb.abandon();
-            anyhow::bail!(
-                "gradient norm is {grad_norm} at step {}: stopping; the last good checkpoint is in {}",
+            return Err(super::non_finite_stop(
+                &pb,
+                "gradient norm",
+                grad_norm,
                 s + 1,
-                out.join(super::LAST).display()
-            );
+                out,
+            ));
         }
         let lr = sched.lr(s);
         opt.step(&grads, lr)?;
@@ -339,6 +338,7 @@ pub fn train_sft(
             if vl.is_finite() && state.best_metric.is_none_or(|b| vl < b) {
                 state.best_metric = Some(vl);
                 state.best_step = Some(state.step);
+                let _hold = crate::signals::critical();
                 model.save(&out.join(BEST))?;
             }
         }
@@ -361,7 +361,7 @@ pub fn train_sft(
     }
     pb.finish_and_clear();
     if stopped {
-        fail_if_interrupted(state.step, out)?;
+        fail_if_interrupted(state.step, plan.total_steps, out)?;
         return Ok(SftOutcome {
             steps: state.step,
             first_loss: first_loss.unwrap_or(f64::NAN),
@@ -381,7 +381,10 @@ pub fn train_sft(
             state.best_metric.unwrap_or(f64::NAN)
         );
     }
-    model.save(&final_dir)?;
+    {
+        let _hold = crate::signals::critical();
+        model.save(&final_dir)?;
+    }
     metrics.plot()?;
     Ok(SftOutcome {
         steps: state.step,

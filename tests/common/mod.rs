@@ -14,12 +14,20 @@ pub fn shared() -> PathBuf {
     root().join("..").join("shared")
 }
 
-/// Path to a real model, running scripts/fetch-model.sh the first time (tests fetch what they need).
+/// Path to a real model: in `$MEMGEN_MODELS_DIR` when there, else in `models/`, running
+/// scripts/fetch-model.sh the first time (tests fetch what they need).
 pub fn model(which: &str) -> PathBuf {
     let file = match which {
         "qwen" => memgen::backbone::QWEN_MODEL_FILE,
         _ => memgen::backbone::DEFAULT_MODEL_FILE,
     };
+    // Models already fetched where the binary looks first (`$MEMGEN_MODELS_DIR`) need no copy.
+    if let Ok(d) = std::env::var("MEMGEN_MODELS_DIR") {
+        let p = PathBuf::from(d).join(file);
+        if p.is_file() {
+            return p;
+        }
+    }
     let path = root().join("models").join(file);
     let _g = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if !path.is_file() {
@@ -156,4 +164,36 @@ pub fn fd_check(
             g[i]
         );
     }
+}
+
+/// A tiny random model of `arch` saved as a Hugging Face directory, with SmolLM2's tokenizer (its
+/// vocabulary size, so real task text tokenizes as it would for the real model).
+pub fn tiny_hf_dir(arch: Arch) -> (tempfile::TempDir, BaseWeights) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(arch);
+    cfg.vocab_size = 49152; // SmolLM2's tokenizer
+    let w = BaseWeights::random(cfg, 11, &Device::Cpu).unwrap();
+    w.save_hf_dir(dir.path()).unwrap();
+    let smol =
+        memgen::backbone::load(&model("smollm2"), candle_core::DType::F32, &Device::Cpu).unwrap();
+    smol.tokenizer
+        .inner
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    (dir, w)
+}
+
+/// Every tensor of a safetensors file as f32 values, sorted by name: bit-for-bit comparisons.
+pub fn read_tensors(p: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let map = candle_core::safetensors::load(p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut v: Vec<(String, Vec<f32>)> = map
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
