@@ -150,6 +150,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let options = parse_options(&args.options)?;
     let cfg = RunConfig::load(&args.config, &options)?;
+    cfg.warn_ignored_keys();
     let ds = cfg.dataset()?;
     let task = build_task(&ds.task)?;
     let gen = &cfg.run.generation;

@@ -59,6 +59,7 @@ pub fn resolve_config(args: &TrainArgs, which: Which) -> anyhow::Result<RunConfi
 
 pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let cfg = resolve_config(&args, which)?;
+    cfg.warn_ignored_keys();
     let ds = cfg.dataset()?;
     let task = build_task(&ds.task)?;
     let method = match which {
