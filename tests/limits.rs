@@ -140,7 +140,16 @@ fn eval_checks_every_prompt_before_the_first_batch() {
         "--options",
         "datasets.gsm8k.test_path",
         test.to_str().unwrap(),
+        "run.weaver.sft.report_to",
+        "[tensorboard]",
     ]);
+    // An accepted-but-ignored key draws its one warning line at start-up.
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("report_to")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(warned[0].starts_with(
+        "warning: config: run.weaver.sft.report_to is accepted for compatibility with the original and ignored"
+    ));
     let e = error_line(&out);
     assert!(e.contains("test row test:2:"), "{e}");
     assert!(e.contains("exceed the reasoner's context of 8192"), "{e}");
