@@ -13,7 +13,7 @@ use crate::backbone::generate::{generate as run_generate, ids_tensor, Sampler, S
 use crate::backbone::model::{positions_from_mask, positions_tensor};
 use crate::backbone::{self, LoadedModel, Mode, TextTokenizer};
 use crate::memory::generate::MemoryOptions;
-use crate::memory::limits::{check_backbone, Budget};
+use crate::memory::limits::{check_backbone, check_context, Budget};
 use crate::memory::teacher::TfRow;
 use crate::memory::MemGenModel;
 use crate::tasks::Message;
@@ -94,19 +94,12 @@ fn early_check(
     }
     let (tok, config) = backbone::peek(&backbone::resolve_model(model.model.as_deref())?)?;
     let tokens = tok.encode(&chat_wrap(&tok, text, chat)?)?.len();
-    let needed = tokens + new_tokens;
-    if needed > config.max_position_embeddings {
-        let e = crate::memory::limits::LimitError::TooLong {
-            what: what.to_string(),
-            tokens,
-            new_tokens,
-            latents: 0,
-            needed,
-            model: "model",
-            context: config.max_position_embeddings,
-        };
-        return Err(e.into());
-    }
+    let budget = Budget {
+        tokens,
+        new_tokens,
+        latents: 0,
+    };
+    check_context(config.max_position_embeddings, "model", what, budget)?;
     Ok(())
 }
 

@@ -82,7 +82,17 @@ pub fn check_backbone(
             ..budget
         }
     };
-    let ctx = context(b);
+    check_context(context(b), model, what, budget)
+}
+
+/// Check `budget` against a context of `ctx` positions (from a loaded backbone, or from a model's
+/// header before its weights load).
+pub fn check_context(
+    ctx: usize,
+    model: &'static str,
+    what: &str,
+    budget: Budget,
+) -> Result<(), LimitError> {
     if budget.positions() > ctx {
         return Err(LimitError::TooLong {
             what: what.to_string(),
