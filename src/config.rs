@@ -2,6 +2,8 @@
 //! `datasets`, `run`), with dotted `--options key value` overrides. Unknown keys and wrong types are
 //! errors that name the key; contradictory settings are caught before any work starts.
 
+mod ignored;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -213,7 +215,8 @@ pub struct SftConfig {
     pub max_train_samples: Option<usize>,
     #[serde(default)]
     pub max_eval_samples: Option<usize>,
-    // Accepted for compatibility with the original configs; memgen computes in `model.dtype`.
+    // Accepted for compatibility with the original configs and ignored, with a start-up warning
+    // when set (config/ignored.rs): memgen computes in `model.dtype`.
     #[serde(default)]
     pub bf16: bool,
     #[serde(default)]
@@ -368,7 +371,8 @@ pub struct GenerationConfig {
     /// Multi-turn tasks: observations are cut to this many tokens.
     #[serde(default = "obs", alias = "max_obs_length")]
     pub max_obs_tokens: usize,
-    // Accepted for compatibility with the original's `interaction` section.
+    // Accepted for compatibility with the original's `interaction` section and ignored, with a
+    // start-up warning when set (config/ignored.rs).
     #[serde(default)]
     pub max_start_length: Option<usize>,
     #[serde(default)]

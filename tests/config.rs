@@ -114,3 +114,67 @@ fn mistakes_are_errors_naming_the_key() {
     assert_eq!(c.model.weaver.peft_config.r, 8);
     assert_eq!(c.dataset().unwrap().task.val_ratio, 0.2);
 }
+
+/// Accepted-but-ignored keys: one warning line naming each key set to something memgen does not
+/// do; the shipped configs (whose keys all work) draw none; unknown keys stay errors.
+#[test]
+fn ignored_keys_warn_once_by_name() {
+    for dir in ["configs", "configs/latent_memory"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) != Some("yaml") {
+                continue;
+            }
+            let c = RunConfig::load(&p, &[]).unwrap();
+            assert_eq!(
+                c.ignored_key_warnings(),
+                Vec::<String>::new(),
+                "{}",
+                p.display()
+            );
+        }
+    }
+    let gsm8k = root().join("configs/latent_memory/gsm8k.yaml");
+    // The original's own settings of these keys (its configs/latent_memory/gsm8k.yaml).
+    let set = [
+        ("run.weaver.sft.bf16", "true"),
+        ("run.weaver.sft.report_to", "[tensorboard]"),
+        ("run.weaver.grpo.remove_unused_columns", "true"),
+        ("run.trigger.grpo.optim", "sgd"),
+        ("run.weaver.sft.logging_strategy", "epoch"),
+        ("run.weaver.sft.assistant_only_loss", "false"),
+        ("run.generation.max_start_length", "1024"),
+        ("run.generation.max_prompt_length", "4096"),
+        ("run.generation.weaver_do_sample", "true"),
+        ("model.trigger.use_peft", "false"),
+        ("model.weaver.peft_config.task_type", "SEQ_CLS"),
+    ];
+    for (k, v) in set {
+        let c = RunConfig::load(&gsm8k, &opts(&[(k, v)])).unwrap();
+        let w = c.ignored_key_warnings();
+        assert_eq!(w.len(), 1, "{k}: {w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "warning: config: {k} is accepted for compatibility with the original and ignored ("
+            )),
+            "{}",
+            w[0]
+        );
+        assert!(!w[0].contains('\n'));
+    }
+    let c = RunConfig::load(&gsm8k, &opts(&[("run.weaver.sft.bf16", "true")])).unwrap();
+    assert!(c.ignored_key_warnings()[0].contains("model.dtype bf16"));
+    // Values memgen already does stay quiet.
+    let quiet = [
+        ("run.weaver.sft.bf16", "false"),
+        ("run.weaver.sft.report_to", "[none]"),
+        ("run.weaver.sft.optim", "adamw_torch"),
+        ("run.mode", "evaluate"),
+    ];
+    for (k, v) in quiet {
+        let c = RunConfig::load(&gsm8k, &opts(&[(k, v)])).unwrap();
+        assert!(c.ignored_key_warnings().is_empty(), "{k} {v}");
+    }
+    let e = RunConfig::load(&gsm8k, &opts(&[("run.weaver.sft.bf17", "true")])).unwrap_err();
+    assert!(e.to_string().contains("bf17"), "{e}");
+}

@@ -295,3 +295,75 @@ fn arith_splits() {
         test[0].target.as_deref().unwrap()
     );
 }
+
+/// The boxed-answer grader (gsm8k, arith, gpqa/aqua) against the original MemGen's
+/// `compute_score` (`larm/data/utils/math_utils.py`: `first_boxed_only_string`, `remove_boxed`,
+/// then the Hendrycks MATH `is_equiv` / `strip_string`). Each expected extraction and reward was
+/// traced by hand through that Python: (completion, gold, extraction, reward).
+#[test]
+fn boxed_grader_matches_the_original() {
+    use memgen::tasks::gsm8k::grade_boxed;
+    let cases: &[(&str, &str, Option<&str>, f64)] = &[
+        ("so \\boxed{18}.", "18", Some("18"), 1.0),
+        // The first box counts, not the last.
+        ("\\boxed{18} or \\boxed{19}", "18", Some("18"), 1.0),
+        ("\\boxed{19} or \\boxed{18}", "18", Some("19"), 0.0),
+        // `\fbox` is found, then `remove_boxed`'s assertion fails: 0.
+        ("\\fbox{18}", "18", None, 0.0),
+        ("\\boxed{{18}}", "18", Some("{18}"), 0.0),
+        // Space form: to the next `$`; newlines do not end it.
+        ("\\boxed 18", "18", Some("18"), 1.0),
+        ("$\\boxed 18$.", "18", Some("18"), 1.0),
+        ("\\boxed 18.\nDone", "18", Some("18.\nDone"), 0.0),
+        ("\\boxed {18}", "18", Some("{18}"), 0.0),
+        ("\\boxed{18} and \\boxed 19", "18", Some("19"), 0.0),
+        // Units after `\text{ `, `\$`, `\%`, `\!`, `\left`/`\right` are dropped; bare `$` and `%`
+        // are not.
+        (
+            "\\boxed{18\\text{ dollars}}",
+            "18",
+            Some("18\\text{ dollars}"),
+            1.0,
+        ),
+        ("\\boxed{\\$18}", "18", Some("\\$18"), 1.0),
+        ("\\boxed{$18}", "18", Some("$18"), 0.0),
+        ("\\boxed{18\\%}", "18", Some("18\\%"), 1.0),
+        ("\\boxed{18%}", "18", Some("18%"), 0.0),
+        ("\\boxed{1\\!000}", "1000", Some("1\\!000"), 1.0),
+        (
+            "\\boxed{\\left(1,2\\right)}",
+            "(1,2)",
+            Some("\\left(1,2\\right)"),
+            1.0,
+        ),
+        // No numeric tolerance: commas and trailing zeros or dots stay.
+        ("\\boxed{1,000}", "1000", Some("1,000"), 0.0),
+        ("\\boxed{18.0}", "18", Some("18.0"), 0.0),
+        ("\\boxed{18.}", "18", Some("18."), 0.0),
+        // 0.5, \frac12, a/b, leading `.`, \sqrt2, short `x=` prefixes.
+        ("\\boxed{0.5}", "\\frac{1}{2}", Some("0.5"), 1.0),
+        ("\\boxed{\\frac12}", "0.5", Some("\\frac12"), 1.0),
+        ("\\boxed{.5}", "0.5", Some(".5"), 1.0),
+        ("\\boxed{3/4}", "\\frac{3}{4}", Some("3/4"), 1.0),
+        ("\\boxed{\\sqrt2}", "\\sqrt{2}", Some("\\sqrt2"), 1.0),
+        ("\\boxed{x = 18}", "18", Some("x = 18"), 1.0),
+        ("\\boxed{abc=18}", "18", Some("abc=18"), 0.0),
+        ("the answer is 18", "18", None, 0.0),
+    ];
+    for &(completion, gold, extraction, reward) in cases {
+        let g = grade_boxed(completion, gold);
+        assert_eq!(
+            g.extracted.as_deref(),
+            extraction,
+            "extraction of {completion:?}"
+        );
+        assert_eq!(
+            g.reward, reward,
+            "reward of {completion:?} against {gold:?}"
+        );
+        assert_eq!(g.metrics["accuracy"], reward, "accuracy of {completion:?}");
+    }
+    // `lenient_accuracy` is memgen's own extra (last number, numeric tolerance), never the reward.
+    let g = grade_boxed("so it is 1,000 dollars", "1000");
+    assert_eq!((g.reward, g.metrics["lenient_accuracy"]), (0.0, 1.0));
+}

@@ -177,6 +177,20 @@ pub fn generate(
     if prompts.iter().any(|p| p.is_empty()) {
         anyhow::bail!("cannot generate from an empty prompt");
     }
+    // Before any work: past the context the model would run slowly into positions it never saw.
+    for (r, p) in prompts.iter().enumerate() {
+        let what = if b == 1 {
+            "the prompt".to_string()
+        } else {
+            format!("prompt {r} of the batch")
+        };
+        let budget = crate::memory::limits::Budget {
+            tokens: p.len(),
+            new_tokens: sampler.cfg.max_new_tokens,
+            latents: 0,
+        };
+        crate::memory::limits::check_backbone(model, "model", &what, budget, false)?;
+    }
     let dev = model.device().clone();
     let (ids, mask) = left_pad(prompts, pad_id);
     let mut cache = model.new_cache(b);

@@ -208,20 +208,36 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
-/// Load a model (weights shared with any other instance of the same checkpoint) and its tokenizer.
-pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+/// A model's tokenizer and config without its weights: enough to check a request against the
+/// context (`max_position_embeddings`) before the slow weight load.
+pub fn peek(path: &Path) -> anyhow::Result<(TextTokenizer, Config)> {
     if !path.exists() {
         anyhow::bail!("{}: no such file or directory", path.display());
     }
-    let tokenizer = if path.is_dir() {
-        TextTokenizer::from_hf_dir(path)?
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let file = cfg_path.display().to_string();
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| BackboneError::io(&file, e))?;
+        Ok((
+            TextTokenizer::from_hf_dir(path)?,
+            Config::from_hf_json(&text, &file)?,
+        ))
     } else {
         let file = path.display().to_string();
         let mut f = std::fs::File::open(path).map_err(|e| BackboneError::io(&file, e))?;
+        // Reads the header (metadata and tensor index) only, not the tensor data.
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
             .map_err(|e| BackboneError::format(&file, format!("not a readable GGUF file: {e}")))?;
-        TextTokenizer::from_gguf(&ct, &file)?
-    };
+        Ok((
+            TextTokenizer::from_gguf(&ct, &file)?,
+            Config::from_gguf(&ct, &file)?,
+        ))
+    }
+}
+
+/// Load a model (weights shared with any other instance of the same checkpoint) and its tokenizer.
+pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+    let (tokenizer, _) = peek(path)?;
     let weights = BaseWeights::load_shared(path, dtype, device)?;
     Ok(LoadedModel {
         backbone: Backbone::new(weights),

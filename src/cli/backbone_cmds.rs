@@ -13,6 +13,7 @@ use crate::backbone::generate::{generate as run_generate, ids_tensor, Sampler, S
 use crate::backbone::model::{positions_from_mask, positions_tensor};
 use crate::backbone::{self, LoadedModel, Mode, TextTokenizer};
 use crate::memory::generate::MemoryOptions;
+use crate::memory::limits::{check_backbone, check_context, Budget};
 use crate::memory::teacher::TfRow;
 use crate::memory::MemGenModel;
 use crate::tasks::Message;
@@ -76,7 +77,41 @@ pub fn load_model(a: &ModelArgs) -> anyhow::Result<LoadedModel> {
     backbone::load(&path, dtype, &device)
 }
 
+/// Check a request against the reasoner's context from the model's header alone, before any
+/// weights load, so a prompt far too long for the model fails at once. Only when the reasoner is
+/// known without reading a checkpoint (a checkpoint may name its own); the latents of memories
+/// are counted once the model is built, by the generation guard.
+fn early_check(
+    model: &ModelArgs,
+    mem: &MemoryArgs,
+    text: &str,
+    chat: bool,
+    new_tokens: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    if mem.load_model_path.is_some() && !mem.no_memory && model.model.is_none() {
+        return Ok(());
+    }
+    let (tok, config) = backbone::peek(&backbone::resolve_model(model.model.as_deref())?)?;
+    let tokens = tok.encode(&chat_wrap(&tok, text, chat)?)?.len();
+    let budget = Budget {
+        tokens,
+        new_tokens,
+        latents: 0,
+    };
+    check_context(config.max_position_embeddings, "model", what, budget)?;
+    Ok(())
+}
+
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    early_check(
+        &a.model,
+        &a.memory,
+        &a.prompt,
+        a.chat,
+        a.max_new_tokens,
+        "the prompt",
+    )?;
     if let Some(mg) = build_memgen(&a.model, &a.memory)? {
         return generate_with_memory(&a, &mg);
     }
@@ -176,6 +211,7 @@ impl Stream {
 }
 
 pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    early_check(&a.model, &a.memory, &a.text, a.chat, 0, "the text")?;
     if let Some(answer) = &a.answer {
         let mg = match build_memgen(&a.model, &a.memory)? {
             Some(mg) => mg,
@@ -197,6 +233,12 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
     if ids.is_empty() {
         anyhow::bail!("the text is empty");
     }
+    let budget = Budget {
+        tokens: ids.len(),
+        new_tokens: 0,
+        latents: 0,
+    };
+    check_backbone(&m.backbone, "model", "the text", budget, false)?;
     let top = top_logits(&m, &ids, a.top_k)?;
     let obj = serde_json::json!({ "token_ids": ids, "top_logits": top });
     println!("{obj}");
@@ -325,6 +367,13 @@ fn score_answer(mg: &MemGenModel, text: &str, answer: &str, chat: bool) -> anyho
     let points = mg
         .boundary
         .training_points(&tokens, &loss_mask, &prompt_points, max_inf);
+    // The latents at these points are known exactly: check before the forward pass.
+    let budget = Budget {
+        tokens: tokens.len(),
+        new_tokens: 0,
+        latents: mg.latents_at(&points),
+    };
+    mg.check_fits("the text and answer", budget)?;
     let row = TfRow {
         tokens,
         loss_mask,

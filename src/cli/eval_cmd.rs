@@ -9,6 +9,7 @@ use clap::Args;
 use crate::backbone::{self, generate::SamplingConfig};
 use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
+use crate::memory::limits::Budget;
 use crate::memory::{MemGenModel, MemGenSpec};
 use crate::tasks::episode::EpisodeOptions;
 use crate::tasks::eval::{evaluate, EvalSettings};
@@ -113,6 +114,32 @@ fn build_model(args: &EvalArgs, cfg: &RunConfig) -> anyhow::Result<(MemGenModel,
     Ok((m, file.display().to_string()))
 }
 
+/// Every test prompt is checked against the contexts before the first batch runs, so an
+/// over-long row fails the run at once rather than after hours of answers. The budget is the
+/// prompt + `max_new_tokens` + the latents one turn may insert. A multi-turn episode also grows by
+/// its observations, which are not known yet: its later turns are checked by the generation guard
+/// as they come.
+fn check_prompts_fit(
+    model: &MemGenModel,
+    samples: &[crate::tasks::Sample],
+    max_new_tokens: usize,
+) -> anyhow::Result<()> {
+    let ins = &model.spec.insertion;
+    let latents = model.latent_budget(ins.max_prompt_aug_num > 0, ins.max_inference_aug_num);
+    for s in samples {
+        let prompt = model
+            .tokenizer
+            .encode(&crate::tasks::render_chatml(&s.messages, true))?;
+        let budget = Budget {
+            tokens: prompt.len(),
+            new_tokens: max_new_tokens,
+            latents,
+        };
+        model.check_fits(&format!("test row {}", s.id), budget)?;
+    }
+    Ok(())
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.vanilla && args.load_model_path.is_some() {
         anyhow::bail!("--vanilla and --load-model-path exclude each other");
@@ -122,6 +149,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let options = parse_options(&args.options)?;
     let cfg = RunConfig::load(&args.config, &options)?;
+    cfg.warn_ignored_keys();
     let ds = cfg.dataset()?;
     let task = build_task(&ds.task)?;
     let gen = &cfg.run.generation;
@@ -134,6 +162,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         anyhow::bail!("no test samples for {} (check test_path)", ds.name);
     }
     let (model, model_desc) = build_model(&args, &cfg)?;
+    check_prompts_fit(&model, &samples, gen.max_new_tokens)?;
 
     let env = if task.multi_turn() {
         Some(SearchEnv::over_http(

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::RunConfig;
+use crate::config::{GrpoConfig, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
+use crate::memory::limits::{self, Budget};
 use crate::memory::MemGenModel;
 use crate::retrieval::client::HttpRetriever;
 use crate::tasks::search::{check_retriever, SearchEnv};
@@ -63,6 +64,7 @@ pub fn resolve_config(args: &TrainArgs, which: Which) -> anyhow::Result<RunConfi
 
 pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let cfg = resolve_config(&args, which)?;
+    cfg.warn_ignored_keys();
     let ds = cfg.dataset()?;
     let task = build_task(&ds.task)?;
     let method = match which {
@@ -130,15 +132,9 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             let s = &cfg.run.weaver.sft;
             let train = limit(train_samples, s.max_train_samples);
             let valid = limit(valid_samples, s.max_eval_samples);
-            let (tr, sk1) = sft::sft_rows(&model, &train, s.max_length)?;
-            let (va, sk2) = sft::sft_rows(&model, &valid, s.max_length)?;
-            if sk1 + sk2 > 0 {
-                eprintln!(
-                    "warning: skipped {} samples (no target, or prompt longer than max_length {})",
-                    sk1 + sk2,
-                    s.max_length
-                );
-            }
+            let (tr, n1) = sft::sft_rows(&model, &train, s.max_length)?;
+            let (va, n2) = sft::sft_rows(&model, &valid, s.max_length)?;
+            sft_row_notes(&model, s.max_length, n1, n2);
             eprintln!(
                 "weaver sft on {}: {} train rows, {} validation rows → {}",
                 ds.name,
@@ -179,6 +175,23 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             } else {
                 grpo::Target::Trigger
             };
+            let total = train.len() + valid.len();
+            let multi = task.multi_turn();
+            let (train, sk1) = grpo_fitting(&model, train, g, multi)?;
+            let (valid, sk2) = grpo_fitting(&model, valid, g, multi)?;
+            let why = format!(
+                "the contexts (reasoner {} positions) as prompt + max_completion_length {} + memory latents",
+                limits::context(&model.reasoner),
+                g.max_completion_length
+            );
+            if let Some(w) = limits::skipped_rows_warning(sk1 + sk2, total, &why) {
+                eprintln!("{w}");
+            }
+            if train.is_empty() {
+                anyhow::bail!(
+                    "no training prompt fits the model's context (see the warning above)"
+                );
+            }
             let run = grpo::GrpoRun {
                 cfg: g.clone(),
                 target,
@@ -235,4 +248,65 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The one-line notes on SFT rows: cut to `max_length` (the original's truncation), left out
+/// because nothing remains to learn, left out because they cannot fit the contexts.
+fn sft_row_notes(model: &MemGenModel, max_length: usize, a: sft::RowCounts, b: sft::RowCounts) {
+    let total = a.total + b.total;
+    if a.cut + b.cut > 0 {
+        eprintln!(
+            "note: cut {} of {total} training rows to max_length {max_length} tokens (answer side, as the original's truncation)",
+            a.cut + b.cut
+        );
+    }
+    let why = format!("max_length {max_length} in their prompt alone (or without a target)");
+    if let Some(w) = limits::skipped_rows_warning(a.unusable + b.unusable, total, &why) {
+        eprintln!("{w}");
+    }
+    let why = format!(
+        "the reasoner's context of {} positions with their memory latents",
+        limits::context(&model.reasoner)
+    );
+    if let Some(w) = limits::skipped_rows_warning(a.over_context + b.over_context, total, &why) {
+        eprintln!("{w}");
+    }
+}
+
+/// GRPO prompts that can run: single-turn prompts are first cut to `max_prompt_length` from the
+/// left (as the rollouts cut them, and as the original's TRL trainer does), then a prompt is kept
+/// when it, `max_completion_length` and the latents its memories may insert fit every backbone's
+/// context; the rest are skipped (counted in the second value). A multi-turn prompt is its first
+/// turn, uncut: its later turns grow with observations and are checked as they are generated.
+fn grpo_fitting(
+    model: &MemGenModel,
+    samples: Vec<crate::tasks::Sample>,
+    g: &GrpoConfig,
+    multi_turn: bool,
+) -> anyhow::Result<(Vec<crate::tasks::Sample>, usize)> {
+    let ins = &model.spec.insertion;
+    let latents = model.latent_budget(ins.max_prompt_aug_num > 0, ins.max_inference_aug_num);
+    let mut kept = Vec::with_capacity(samples.len());
+    let mut skipped = 0;
+    for s in samples {
+        let tokens = if multi_turn {
+            model
+                .tokenizer
+                .encode(&crate::tasks::render_chatml(&s.messages, true))?
+                .len()
+        } else {
+            grpo::prompt_ids(model, &s, g.max_prompt_length)?.len()
+        };
+        let budget = Budget {
+            tokens,
+            new_tokens: g.max_completion_length,
+            latents,
+        };
+        if model.check_fits(&s.id, budget).is_ok() {
+            kept.push(s);
+        } else {
+            skipped += 1;
+        }
+    }
+    Ok((kept, skipped))
 }

@@ -188,6 +188,15 @@ impl MemGenModel {
         if replay.len() != b {
             anyhow::bail!("{} replay lists for {b} prompts", replay.len());
         }
+        // Before any work: a prompt that cannot fit would otherwise run (slowly) past the
+        // positions the backbones were trained on.
+        self.check_generation(
+            prompts,
+            replay,
+            sampler.cfg.max_new_tokens,
+            opts.prompt_memory,
+            opts.max_inference,
+        )?;
         let dev = self.reasoner.device().clone();
         let d = self.reasoner.hidden_size();
         let pad = self.tokenizer.pad_id;

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod generate;
 pub mod insertion;
+pub mod limits;
 pub mod model;
 pub mod params;
 pub mod teacher;

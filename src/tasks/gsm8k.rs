@@ -25,9 +25,11 @@ pub fn gsm8k_target(answer: &str) -> Option<(String, String)> {
     Some((target.trim().to_string(), n.to_string()))
 }
 
-/// Grade a `\boxed{}` answer: the first box of the completion against `gold_answer`, both through
-/// MATH's `strip_string`, as strings. Adds `lenient_accuracy`: the last number of the completion,
-/// compared numerically.
+/// Grade a `\boxed{}` answer as the original's `compute_score` does: the first box of the
+/// completion (see [`math::first_boxed`]) against `gold_answer`, both through MATH's
+/// `strip_string`, as strings; the reward and `accuracy` are that score. `lenient_accuracy` is
+/// memgen's own extra, not the original's metric: the last number of the completion, compared
+/// numerically, to show how many answers are right but not boxed the way the grader wants.
 pub fn grade_boxed(completion: &str, gold_answer: &str) -> Graded {
     let extracted = math::first_boxed(completion);
     let correct = extracted
@@ -136,7 +138,8 @@ mod tests {
         assert_eq!(grade_boxed("\\boxed{\\$18}", "18").reward, 1.0);
         assert_eq!(grade_boxed("\\boxed{x = 18}", "18").reward, 1.0);
         assert_eq!(grade_boxed("\\boxed{18\\text{ dollars}}", "18").reward, 1.0);
-        assert_eq!(grade_boxed("\\fbox{18}", "18").reward, 1.0);
+        // The original's `remove_boxed` rejects `\fbox`.
+        assert_eq!(grade_boxed("\\fbox{18}", "18").reward, 0.0);
         let g = grade_boxed("the answer is 1,000 dollars", "1000");
         assert_eq!((g.reward, g.metrics["lenient_accuracy"]), (0.0, 1.0));
         assert_eq!(g.metrics["accuracy"], 0.0);

@@ -1,59 +1,65 @@
 //! Math answer extraction and normalisation: `\boxed{…}` extraction and the Hendrycks-MATH
 //! `strip_string` / `is_equiv`, reproduced step by step so that scores match the original.
 
-/// The text of the first `\boxed{…}` in `s` (brace-matched, without the wrapper); when `s` has no
-/// `\boxed` at all, the first `\fbox{…}`. `None` when absent or its braces never close.
+/// The answer in the first box of `s`, as the original MemGen's `compute_score` takes it:
+/// `remove_boxed(first_boxed_only_string(s))` (its `larm/data/utils/math_utils.py`, adapted from
+/// the Hendrycks MATH / lm-evaluation-harness helpers). `None` where the original finds no box or
+/// where `remove_boxed` rejects what was found (an `\fbox{…}`, `\boxed` not directly followed by
+/// `{`), both of which score 0 there.
 pub fn first_boxed(s: &str) -> Option<String> {
-    boxed_at(s, find_box(s, false)?)
+    remove_boxed(&boxed_only_string(s, false)?)
 }
 
-/// The text of the last `\boxed{…}` (else the last `\fbox{…}`), as MATH's `last_boxed_only_string`.
+/// The answer in the last box: `remove_boxed(last_boxed_only_string(s))`, as the original reads
+/// the ground truth.
 pub fn last_boxed(s: &str) -> Option<String> {
-    boxed_at(s, find_box(s, true)?)
+    remove_boxed(&boxed_only_string(s, true)?)
 }
 
-/// Byte offset and command length of the first (or last) `\boxed`, falling back to `\fbox`.
-fn find_box(s: &str, last: bool) -> Option<(usize, usize)> {
-    for cmd in ["\\boxed", "\\fbox"] {
-        let pos = if last { s.rfind(cmd) } else { s.find(cmd) };
-        if let Some(p) = pos {
-            return Some((p, cmd.len()));
-        }
-    }
-    None
-}
+/// The space form of the box command. The original tests for it *anywhere* in the text before
+/// anything else, so one `\boxed 7` wins over an earlier `\boxed{5}`.
+const SPACED: &str = "\\boxed ";
 
-/// Extract the argument of the box command at `(pos, len)`.
-/// `\boxed{…}` is brace-matched; `\boxed 5` (the space form) runs to the next `$` or line end.
-fn boxed_at(s: &str, (pos, len): (usize, usize)) -> Option<String> {
-    let rest = &s[pos + len..];
-    if let Some(arg) = rest.strip_prefix(' ') {
-        if !arg.trim_start().starts_with('{') {
-            let end = arg.find(['$', '\n']).unwrap_or(arg.len());
-            let v = arg[..end].trim();
-            return (!v.is_empty()).then(|| v.to_string());
-        }
+/// `first_boxed_only_string` / `last_boxed_only_string`: the whole box command with its argument.
+fn boxed_only_string(s: &str, last: bool) -> Option<String> {
+    if s.contains(SPACED) {
+        // Python: `"\\boxed " + s.split("\\boxed ")[1 or -1].split("$")[0]` — the text after the
+        // first (last) `\boxed `, up to the next `\boxed ` or `$`; newlines do not end it.
+        let mut pieces = s.split(SPACED);
+        let piece = if last { pieces.last() } else { pieces.nth(1) }?;
+        let arg = piece.split('$').next().unwrap_or("");
+        return Some(format!("{SPACED}{arg}"));
     }
-    let open = rest.find('{')?;
-    // Only whitespace may sit between the command and its brace.
-    if !rest[..open].trim().is_empty() {
-        return None;
-    }
-    let body = &rest[open + 1..];
-    let mut depth = 1usize;
-    for (i, c) in body.char_indices() {
+    let find = |cmd: &str| if last { s.rfind(cmd) } else { s.find(cmd) };
+    let idx = find("\\boxed").or_else(|| find("\\fbox"))?;
+    // The original's brace count starts at the command itself and only checks for zero after a
+    // closing brace, so a `}` before the first `{` can never be matched.
+    let mut open = 0i64;
+    for (i, c) in s[idx..].char_indices() {
         match c {
-            '{' => depth += 1,
+            '{' => open += 1,
             '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(body[..i].to_string());
+                open -= 1;
+                if open == 0 {
+                    return Some(s[idx..idx + i + 1].to_string());
                 }
             }
             _ => {}
         }
     }
     None
+}
+
+/// Hendrycks `remove_boxed`: strips `\boxed ` or asserts the `\boxed{…}` form. Its assertion
+/// failing (an `\fbox{…}` found by the fallback, `\boxed\n{7}`, `\boxedx{7}`) raises inside the
+/// original's `compute_score`, whose `except` scores 0: `None` here.
+fn remove_boxed(b: &str) -> Option<String> {
+    if b.contains(SPACED) {
+        return b.strip_prefix(SPACED).map(str::to_string);
+    }
+    b.strip_prefix("\\boxed{")?
+        .strip_suffix('}')
+        .map(str::to_string)
 }
 
 /// Hendrycks-MATH `is_equiv`: compare after `strip_string`; if normalising either side fails (the
@@ -216,32 +222,52 @@ mod tests {
         strip_string(s).unwrap()
     }
 
+    /// (completion, first box as the original's `remove_boxed(first_boxed_only_string(·))`,
+    /// last box likewise). Expected values follow the Python of the original MemGen
+    /// (`larm/data/utils/math_utils.py`, from the Hendrycks MATH helpers), traced by hand.
+    const BOXES: &[(&str, Option<&str>, Option<&str>)] = &[
+        ("so \\boxed{18} and \\boxed{20}", Some("18"), Some("20")),
+        (
+            "\\boxed{\\frac{1}{2}}",
+            Some("\\frac{1}{2}"),
+            Some("\\frac{1}{2}"),
+        ),
+        (
+            "x \\boxed{{a}{b{c}}} y",
+            Some("{a}{b{c}}"),
+            Some("{a}{b{c}}"),
+        ),
+        // `\fbox` is found by the fallback but `remove_boxed` asserts `\boxed{`: no answer.
+        ("a \\fbox{7} b", None, None),
+        ("\\fbox{1} \\boxed{2}", Some("2"), Some("2")),
+        ("no box here, 42", None, None),
+        ("\\boxed{12", None, None),
+        ("\\boxed{}", Some(""), Some("")),
+        ("é\\boxed{ü}", Some("ü"), Some("ü")),
+        // Only `{` directly after `\boxed` is the brace form.
+        ("\\boxed\n{7}", None, None),
+        ("\\boxedx{7}", None, None),
+        ("\\boxed}{7}", None, None),
+        // The space form: up to the next `$` or `\boxed `, newlines kept, untrimmed.
+        ("\\boxed 5$ more", Some("5"), Some("5")),
+        ("so \\boxed 7", Some("7"), Some("7")),
+        (
+            "\\boxed 7\nThat is all.",
+            Some("7\nThat is all."),
+            Some("7\nThat is all."),
+        ),
+        ("\\boxed 1 and \\boxed 2", Some("1 and "), Some("2")),
+        // A space form anywhere wins over any brace form.
+        ("\\boxed{5} then \\boxed 7", Some("7"), Some("7")),
+        ("\\boxed {5}", Some("{5}"), Some("{5}")),
+    ];
+
     #[test]
     fn boxed_extraction() {
-        assert_eq!(
-            first_boxed("so \\boxed{18} and \\boxed{20}").as_deref(),
-            Some("18")
-        );
-        assert_eq!(
-            last_boxed("so \\boxed{18} and \\boxed{20}").as_deref(),
-            Some("20")
-        );
-        assert_eq!(
-            first_boxed("\\boxed{\\frac{1}{2}}").as_deref(),
-            Some("\\frac{1}{2}")
-        );
-        assert_eq!(
-            first_boxed("x \\boxed{{a}{b{c}}} y").as_deref(),
-            Some("{a}{b{c}}")
-        );
-        assert_eq!(first_boxed("a \\fbox{7} b").as_deref(), Some("7"));
-        // \boxed wins over an earlier \fbox, as in last_boxed_only_string's fallback order.
-        assert_eq!(first_boxed("\\fbox{1} \\boxed{2}").as_deref(), Some("2"));
-        assert_eq!(first_boxed("no box here, 42"), None);
-        assert_eq!(first_boxed("\\boxed{12"), None);
-        assert_eq!(first_boxed("\\boxed 5$ more").as_deref(), Some("5"));
-        assert_eq!(first_boxed("\\boxed{}").as_deref(), Some(""));
-        assert_eq!(first_boxed("é\\boxed{ü}").as_deref(), Some("ü"));
+        for &(s, first, last) in BOXES {
+            assert_eq!(first_boxed(s).as_deref(), first, "first box of {s:?}");
+            assert_eq!(last_boxed(s).as_deref(), last, "last box of {s:?}");
+        }
     }
 
     #[test]

@@ -19,34 +19,66 @@ use super::{
 use crate::backbone::Mode;
 use crate::config::SftConfig;
 use crate::memory::checkpoint::Part;
+use crate::memory::limits::Budget;
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel};
 use crate::tasks::{render_chatml, Message, Sample};
 
+/// Samples [`sft_rows`] cut or left out, by reason, for the one-line notes of the caller.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Samples given.
+    pub total: usize,
+    /// Cut to `max_length` on the answer side (kept).
+    pub cut: usize,
+    /// No target, or the prompt alone fills `max_length`: nothing to learn from.
+    pub unusable: usize,
+    /// Longer than a backbone's context with their memories' latents, even after the cut.
+    pub over_context: usize,
+}
+
 /// Turn samples into teacher-forcing rows: the prompt with its generation prompt, then the target,
 /// `<|im_end|>` and `\n` — those last three carry the loss (docs/DESIGN.md, "Prompts and the
-/// chat template"). Rows longer than `max_length` are cut on the answer side; samples whose prompt
-/// alone fills `max_length`, or without a target, are skipped (counted in the second value).
+/// chat template"). Rows longer than `max_length` are cut on the answer side, as the original's
+/// `max_length` truncation does; samples whose prompt alone fills `max_length`, or without a
+/// target, are skipped. A row that still does not fit the reasoner's or weaver's context
+/// (`max_position_embeddings`) once its memories' latents are counted is skipped too: it cannot
+/// run. Each is counted in [`RowCounts`].
 pub fn sft_rows(
     model: &MemGenModel,
     samples: &[Sample],
     max_length: usize,
-) -> anyhow::Result<(Vec<TfRow>, usize)> {
+) -> anyhow::Result<(Vec<TfRow>, RowCounts)> {
     let mut rows = vec![];
-    let mut skipped = 0;
+    let mut n = RowCounts {
+        total: samples.len(),
+        ..RowCounts::default()
+    };
     for s in samples {
         let Some(target) = &s.target else {
-            skipped += 1;
+            n.unusable += 1;
             continue;
         };
         let prompt = model.tokenizer.encode(&render_chatml(&s.messages, true))?;
         let answer = model.tokenizer.encode(&format!("{target}<|im_end|>\n"))?;
-        match sft_row(model, prompt, answer, max_length) {
-            Some(r) => rows.push(r),
-            None => skipped += 1,
+        let cut = prompt.len() + answer.len() > max_length;
+        let Some(r) = sft_row(model, prompt, answer, max_length) else {
+            n.unusable += 1;
+            continue;
+        };
+        let budget = Budget {
+            tokens: r.tokens.len(),
+            new_tokens: 0,
+            latents: model.latents_at(&r.points),
+        };
+        if model.check_fits(&s.id, budget).is_err() {
+            n.over_context += 1;
+            continue;
         }
+        n.cut += usize::from(cut);
+        rows.push(r);
     }
-    Ok((rows, skipped))
+    Ok((rows, n))
 }
 
 /// One row from prompt and answer ids, with the training insertion points.
