@@ -15,12 +15,18 @@
 
 import builtins
 import collections
-import datetime
-import decimal
-import fractions
 import json
 import os
+import sys
 import types
+
+# decimal, fractions and datetime cost a noticeable part of a run's start-up, so they are imported
+# only when a value needs them: a value of one of their types cannot exist before its module was
+# imported, so encoding looks them up in sys.modules and decoding imports on demand.
+
+
+def _stdlib_type(module, name):
+    return getattr(sys.modules.get(module), name, None)
 
 
 class ProtocolError(Exception):
@@ -98,17 +104,17 @@ class Peer:
             return ["ctr", [[self.encode(k), self.encode(x)] for k, x in v.items()]]
         if t is collections.OrderedDict:
             return ["od", [[self.encode(k), self.encode(x)] for k, x in v.items()]]
-        if t is decimal.Decimal:
+        if t is _stdlib_type("decimal", "Decimal"):
             return ["dec", str(v)]
-        if t is fractions.Fraction:
+        if t is _stdlib_type("fractions", "Fraction"):
             return ["fr", str(v.numerator), str(v.denominator)]
-        if t is datetime.datetime:
+        if t is _stdlib_type("datetime", "datetime"):
             return ["dt", v.isoformat()]
-        if t is datetime.date:
+        if t is _stdlib_type("datetime", "date"):
             return ["date", v.isoformat()]
-        if t is datetime.time:
+        if t is _stdlib_type("datetime", "time"):
             return ["time", v.isoformat()]
-        if t is datetime.timedelta:
+        if t is _stdlib_type("datetime", "timedelta"):
             return ["td", v.days, v.seconds, v.microseconds]
         if t is range:
             return ["range", v.start, v.stop, v.step]
@@ -131,8 +137,9 @@ class Peer:
                 return tuple(self.decode(x) for x in a[0])
             if tag in ("d", "ctr", "od"):
                 pairs = [(self.decode(k), self.decode(x)) for k, x in a[0]]
-                cls = {"d": dict, "ctr": collections.Counter, "od": collections.OrderedDict}[tag]
-                return cls(pairs)
+                if tag == "ctr":
+                    return collections.Counter(dict(pairs))  # Counter(pairs) would count them
+                return (dict if tag == "d" else collections.OrderedDict)(pairs)
             if tag == "s":
                 return {self.decode(x) for x in a[0]}
             if tag == "fs":
@@ -149,16 +156,17 @@ class Peer:
                     raise ProtocolError("bad deque")
                 return collections.deque((self.decode(x) for x in a[0]), maxlen)
             if tag == "dec":
+                import decimal
                 return decimal.Decimal(_s(a[0]))
             if tag == "fr":
+                import fractions
                 return fractions.Fraction(int(_s(a[0])), int(_s(a[1])))
-            if tag == "dt":
-                return datetime.datetime.fromisoformat(_s(a[0]))
-            if tag == "date":
-                return datetime.date.fromisoformat(_s(a[0]))
-            if tag == "time":
-                return datetime.time.fromisoformat(_s(a[0]))
+            if tag in ("dt", "date", "time"):
+                import datetime
+                cls = {"dt": datetime.datetime, "date": datetime.date, "time": datetime.time}[tag]
+                return cls.fromisoformat(_s(a[0]))
             if tag == "td":
+                import datetime
                 return datetime.timedelta(days=_i(a[0]), seconds=_i(a[1]), microseconds=_i(a[2]))
             if tag == "range":
                 return range(_i(a[0]), _i(a[1]), _i(a[2]))
@@ -168,8 +176,8 @@ class Peer:
                 return self._remote_fn(_i(a[0]))
         except ProtocolError:
             raise
-        except (ValueError, TypeError, IndexError, KeyError, OverflowError,
-                decimal.InvalidOperation, ZeroDivisionError, RecursionError) as e:
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError,
+                RecursionError) as e:  # decimal.InvalidOperation is an ArithmeticError
             raise ProtocolError("bad %r value: %s" % (tag, type(e).__name__)) from None
         raise ProtocolError("unknown tag %r" % tag)
 
