@@ -84,7 +84,11 @@ impl Targets {
                 )
             })
             .collect();
-        assert!(rows.len() >= 30, "expected the full hostile set, got {}", rows.len());
+        assert!(
+            rows.len() >= 30,
+            "expected the full hostile set, got {}",
+            rows.len()
+        );
         rows
     }
 
@@ -207,7 +211,10 @@ fn grade_via_cli(rows: &[(String, String, Value, f64)], as_nobody: bool) -> Vec<
         String::from_utf8_lossy(&o.stderr)
     );
     let out = std::fs::read_to_string(&output).unwrap();
-    let graded: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let graded: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(graded.len(), rows.len());
     graded
         .iter()
@@ -251,8 +258,8 @@ fn hostile_rows_through_the_cli_unprivileged() {
 
 #[test]
 fn humaneval_canonical_solutions_all_pass() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/humaneval/HumanEval.jsonl.gz");
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/humaneval/HumanEval.jsonl.gz");
     assert!(data.is_file(), "missing test data {}", data.display());
     let mut c = TaskConfig::named("humaneval");
     c.test_path = Some(data);

@@ -152,9 +152,9 @@ impl Sandbox {
     pub fn new(python: &str, limits: Limits, allow_unsandboxed: bool) -> Result<Self> {
         let found = resolve(python)
             .ok_or_else(|| TaskError::Sandbox(format!("`{python}` not found in {SAFE_PATH}")))?;
-        let python = found.canonicalize().map_err(|e| {
-            TaskError::Sandbox(format!("resolving {}: {e}", found.display()))
-        })?;
+        let python = found
+            .canonicalize()
+            .map_err(|e| TaskError::Sandbox(format!("resolving {}: {e}", found.display())))?;
         match probe(&python) {
             Ok(bwrap) => Ok(Self {
                 python,
@@ -229,14 +229,16 @@ impl Sandbox {
         let mut cmd = match &self.isolation {
             Isolation::Namespaces(bwrap) => {
                 let mut c = Command::new(bwrap);
-                c.args(bwrap_args(&self.python, dir.path()))
+                c.env_clear()
+                    .args(bwrap_args(&self.python, dir.path()))
                     .env("HOME", SCRATCH)
                     .env("TMPDIR", "/tmp");
                 c
             }
             Isolation::Unsandboxed => {
                 let mut c = Command::new(&self.python);
-                c.current_dir(dir.path())
+                c.env_clear()
+                    .current_dir(dir.path())
                     .env("HOME", dir.path())
                     .env("TMPDIR", dir.path());
                 c
@@ -262,7 +264,8 @@ impl Sandbox {
         let spawned = cmd.spawn();
         // Our copy of the write end must go, or the report reader never sees end-of-file.
         drop(report_w);
-        let mut child = spawned.map_err(|e| err(&format!("starting {}", self.python.display()), e))?;
+        let mut child =
+            spawned.map_err(|e| err(&format!("starting {}", self.python.display()), e))?;
         let pid = child.id() as libc::pid_t;
         let overflow = Arc::new(AtomicBool::new(false));
         let cap = self.limits.max_output_bytes;
@@ -271,7 +274,13 @@ impl Sandbox {
         let rep = Arc::new(Mutex::new(Vec::new()));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let mut readers = 1;
-        spawn_reader(report_r, rep.clone(), cap, overflow.clone(), done_tx.clone());
+        spawn_reader(
+            report_r,
+            rep.clone(),
+            cap,
+            overflow.clone(),
+            done_tx.clone(),
+        );
         if let Some(s) = child.stdout.take() {
             spawn_reader(s, out.clone(), cap, overflow.clone(), done_tx.clone());
             readers += 1;
@@ -349,7 +358,8 @@ fn probe(python: &Path) -> std::result::Result<PathBuf, String> {
         return r.clone();
     }
     let result = (|| {
-        let bwrap = resolve("bwrap").ok_or_else(|| "bubblewrap (bwrap) is not installed".to_string())?;
+        let bwrap =
+            resolve("bwrap").ok_or_else(|| "bubblewrap (bwrap) is not installed".to_string())?;
         let sb = Sandbox {
             python: python.to_path_buf(),
             limits: Limits::with_timeout(10.0, 1024),
@@ -372,7 +382,12 @@ fn bwrap_args(python: &Path, scratch: &Path) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |xs: &[&std::ffi::OsStr]| a.extend(xs.iter().map(|x| x.to_os_string()));
     let s = |x: &'static str| std::ffi::OsStr::new(x);
-    push(&[s("--unshare-all"), s("--die-with-parent"), s("--cap-drop"), s("ALL")]);
+    push(&[
+        s("--unshare-all"),
+        s("--die-with-parent"),
+        s("--cap-drop"),
+        s("ALL"),
+    ]);
     push(&[s("--ro-bind"), s("/usr"), s("/usr")]);
     // Merged-/usr systems have /bin, /lib… as links into /usr; others have real directories.
     for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
@@ -389,9 +404,26 @@ fn bwrap_args(python: &Path, scratch: &Path) -> Vec<std::ffi::OsString> {
             push(&[s("--ro-bind"), prefix.as_os_str(), prefix.as_os_str()]);
         }
     }
-    push(&[s("--ro-bind-try"), s("/etc/ld.so.cache"), s("/etc/ld.so.cache")]);
-    push(&[s("--proc"), s("/proc"), s("--dev"), s("/dev"), s("--tmpfs"), s("/tmp")]);
-    push(&[s("--bind"), scratch.as_os_str(), s(SCRATCH), s("--chdir"), s(SCRATCH)]);
+    push(&[
+        s("--ro-bind-try"),
+        s("/etc/ld.so.cache"),
+        s("/etc/ld.so.cache"),
+    ]);
+    push(&[
+        s("--proc"),
+        s("/proc"),
+        s("--dev"),
+        s("/dev"),
+        s("--tmpfs"),
+        s("/tmp"),
+    ]);
+    push(&[
+        s("--bind"),
+        scratch.as_os_str(),
+        s(SCRATCH),
+        s("--chdir"),
+        s(SCRATCH),
+    ]);
     push(&[s("--"), python.as_os_str()]);
     a
 }
