@@ -17,7 +17,9 @@
 //!   This holds for any user. When the evaluator runs as root the code additionally runs under a
 //!   fresh unprivileged uid per run, so `RLIMIT_NPROC` counts only its processes and stragglers can
 //!   also be killed by uid; as another user the process limit is the user's count plus
-//!   `max_procs`.
+//!   `max_procs`, and concurrent runs share that one per-user count, so a fork bomb in one run
+//!   can make a concurrent run fail to start its processes (a wrong 0, never a wrong 1). Without
+//!   root, grade one run at a time (`RAYON_NUM_THREADS=1`) when that matters.
 //! - [`Isolation::Unsandboxed`] (only when asked for with `allow_unsandboxed_code`; a warning is
 //!   printed once): the limits above, a network namespace only if the kernel grants one, and a
 //!   fresh uid only as root. As a non-root user the code can then read and write whatever that
