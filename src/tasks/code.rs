@@ -1,6 +1,31 @@
 //! Code tasks: KodCode rows (`question`, `solution`, pytest-style `test`, `test_info`) and
 //! HumanEval rows (`prompt`, `canonical_solution`, `test` with `check(candidate)`, `entry_point`).
 //! Grading runs the extracted functions and the tests in the [`Sandbox`].
+//!
+//! **What a reward of 1 means.** The completion's imports and top-level functions are kept (the
+//! first function also bound to the entry point), the test file's `from solution import` lines
+//! dropped, and every `test_*` function it defines is called in definition order; the reward is 1
+//! iff the trusted harness's report arrived complete, says at least one test was collected and
+//! every one passed, and the run did not time out. The verdict cannot be forged by the solution:
+//! - the harness (`code_harness.py`, ours) never imports or execs the solution; the solution runs
+//!   in a separate worker process (`code_worker.py`) and the tests' `solution` names are proxies
+//!   calling it over two pipes, with arguments and results as plain data (`code_rpc.py`; never
+//!   pickle). An exception crosses as the builtin of that name; mutated list/dict/set arguments
+//!   are written back; generators are pulled lazily; callables passed either way are called back
+//!   through the same pipes. A value with no plain-data encoding (an instance of a class, an
+//!   object whose `__eq__` always says yes) is an error in that test;
+//! - the verdict travels on fd 3, which only the harness holds (the worker gets the two RPC pipes
+//!   and `/dev/null`), and the harness is non-dumpable before the worker starts, so the worker
+//!   cannot ptrace it or open its `/proc/<pid>/fd` or `/mem`;
+//! - stdout, stderr and exit codes are never read for the verdict: printing, exiting early with
+//!   any status, killing itself or the harness, and patching builtins, `sys.exit` or anything in
+//!   the worker can only make tests fail.
+//!
+//! Differences from running solution and tests in one module: test code cannot reach solution
+//! globals other than its functions, objects of classes (the tests' own included) cannot be passed,
+//! and `pytest` is not provided (it is not installed in the sandbox, as in the original's
+//! environment, so tests importing it fail). Of the solution's imports, only unaliased ones that
+//! shadow no builtin are made visible to the tests (an alias could redefine what a test computes).
 
 use serde_json::{json, Value};
 
@@ -160,28 +185,66 @@ pub fn humaneval_tests(test: &str, entry_point: &str) -> String {
     format!("{test}\n\n\ndef test_check():\n    check({entry_point})\n")
 }
 
-/// Runs every `test_*` function, in definition order; any exception fails the run.
-const RUNNER: &str = r#"
+/// The RPC codec, prepended to both the harness and the worker.
+const RPC: &str = include_str!("code_rpc.py");
+/// The trusted harness: loads the tests, calls the worker, reports on fd 3.
+const HARNESS: &str = include_str!("code_harness.py");
+/// The untrusted worker: runs the solution and answers calls.
+const WORKER: &str = include_str!("code_worker.py");
 
-def __memgen_run_tests():
-    import sys
-    tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f)]
-    if not tests:
-        print("no test_* functions", file=sys.stderr)
-        sys.exit(2)
-    for name, f in tests:
-        f()
-    print("MEMGEN_ALL_PASSED")
+/// The harness's report on fd 3: complete only when `done` is there.
+#[derive(Debug, serde::Deserialize)]
+struct Report {
+    done: bool,
+    collected: usize,
+    /// `[test name, passed, error]` per test, in order.
+    results: Vec<(String, bool, String)>,
+}
 
-__memgen_run_tests()
-"#;
+/// Whether a harness report says every collected test ran and passed.
+fn all_passed(report: &str) -> bool {
+    let mut lines = report.lines().filter(|l| !l.trim().is_empty());
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return false;
+    };
+    match serde_json::from_str::<Report>(line) {
+        Ok(r) => {
+            r.done
+                && r.collected >= 1
+                && r.results.len() == r.collected
+                && r.results.iter().all(|(_, ok, _)| *ok)
+        }
+        Err(_) => false,
+    }
+}
 
-/// The script run in the sandbox: the solution, the tests, then the runner.
-pub fn test_script(solution: &str, tests: &str) -> String {
-    format!(
-        "{solution}\n\n# ---- tests ----\n{}\n{RUNNER}",
-        clean_tests(tests)
-    )
+/// The plain `import …` / `from … import …` statements among the kept code's top-level lines.
+fn import_statements(code: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open: Option<(String, i32)> = None;
+    for line in code.lines() {
+        if let Some((mut stmt, depth)) = open.take() {
+            stmt.push('\n');
+            stmt.push_str(line);
+            let depth = depth + line.matches('(').count() as i32 - line.matches(')').count() as i32;
+            if depth > 0 || line.trim_end().ends_with('\\') {
+                open = Some((stmt, depth));
+            } else {
+                out.push(stmt);
+            }
+            continue;
+        }
+        if line.starts_with("import ") || line.starts_with("from ") {
+            let depth = line.matches('(').count() as i32 - line.matches(')').count() as i32;
+            if depth > 0 || line.trim_end().ends_with('\\') {
+                open = Some((line.to_string(), depth));
+            } else {
+                out.push(line.to_string());
+            }
+        }
+    }
+    out.extend(open.map(|(s, _)| s));
+    out
 }
 
 /// Grade a code completion against `gold` (`entry_point`, `test`): 1 iff every test passes in time.
@@ -189,15 +252,32 @@ pub fn grade_code(sandbox: &Sandbox, completion: &str, gold: &Value) -> Graded {
     let (Ok(entry), Ok(tests)) = (gold_str(gold, "entry_point"), gold_str(gold, "test")) else {
         return Graded::new(0.0, None);
     };
-    let (code, names) = solution_code(completion, &entry);
+    let (code, mut names) = solution_code(completion, &entry);
     if names.is_empty() {
         return Graded::new(0.0, Some(code)).with("timeout", 0.0);
     }
-    let script = test_script(&code, &tests);
-    match sandbox.run(&script, &[("solution.py", &code)]) {
+    if !entry.is_empty() && !names.contains(&entry) {
+        names.push(entry.clone());
+    }
+    let harness = format!("{RPC}\n{HARNESS}");
+    let worker = format!("{RPC}\n{WORKER}");
+    let tests = clean_tests(&tests);
+    let names = Value::from(names).to_string();
+    let imports = Value::from(import_statements(&code)).to_string();
+    let files = [
+        ("worker.py", worker.as_str()),
+        ("solution.py", code.as_str()),
+        ("tests.py", tests.as_str()),
+        ("names.json", names.as_str()),
+        ("imports.json", imports.as_str()),
+    ];
+    match sandbox.run(&harness, &files) {
         Ok(o) => {
-            let passed = o.success() && o.stdout.contains("MEMGEN_ALL_PASSED");
             let timeout = matches!(o.status, super::sandbox::Status::Timeout);
+            // Only the harness's report counts; the worker's output and exit codes never do.
+            let passed = !timeout
+                && o.status != super::sandbox::Status::OutputLimit
+                && all_passed(&o.report);
             Graded::new(if passed { 1.0 } else { 0.0 }, Some(code))
                 .with("timeout", if timeout { 1.0 } else { 0.0 })
         }
@@ -218,6 +298,7 @@ impl Code {
         let sandbox = Sandbox::new(
             &cfg.python,
             Limits::with_timeout(cfg.timeout_secs, cfg.memory_mb),
+            cfg.allow_unsandboxed_code,
         )?;
         Ok(Self { cfg, sandbox })
     }

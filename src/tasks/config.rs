@@ -54,6 +54,11 @@ pub struct TaskConfig {
     /// Python interpreter for the sandbox (looked up in a minimal PATH when not absolute).
     #[serde(default = "default_python")]
     pub python: String,
+    /// Run untrusted code even when it cannot be isolated (no bubblewrap / user namespaces):
+    /// then only resource limits apply, and a warning is printed once. Off by default, so a
+    /// machine without isolation refuses to grade code instead of running it unprotected.
+    #[serde(default)]
+    pub allow_unsandboxed_code: bool,
 
     // Open QA / search.
     /// Whether open QA runs as a multi-turn search episode (else a single answer turn).

@@ -1,15 +1,39 @@
-//! Run untrusted Python under limits.
+//! Run untrusted Python under limits, isolated.
 //!
-//! Each run gets a fresh temporary directory and a child `python3` with: a scrubbed environment
-//! (only a minimal `PATH`, `HOME`, `LANG`), its own session and process group, a wall-clock
-//! timeout that kills the whole group, `RLIMIT_CPU`, `RLIMIT_AS`, `RLIMIT_NPROC`, `RLIMIT_FSIZE`,
-//! `RLIMIT_NOFILE` and no core files, a cap on captured output, `PR_SET_NO_NEW_PRIVS`, a private
-//! network namespace when the kernel allows it (then there is no network), and — when the
-//! evaluator runs as root — a fresh unprivileged uid/gid per run, so the process-count limit
-//! applies, the code cannot touch the evaluator's files or read its `/proc` entries, and every
-//! process it leaves behind can be found and killed by uid.
+//! **What holds, and when.** Every run gets a fresh scratch directory, a scrubbed environment
+//! (`PATH`, `HOME`, `TMPDIR`, `LANG` only), its own session and process group, a wall-clock
+//! timeout that kills the whole group, `RLIMIT_CPU`/`AS`/`NPROC`/`FSIZE`/`NOFILE`, no core files,
+//! a cap on captured output, `PR_SET_NO_NEW_PRIVS` and `PR_SET_PDEATHSIG`. On top of that:
+//!
+//! - [`Isolation::Namespaces`] (the default; needs bubblewrap, `/usr/bin/bwrap`, and
+//!   unprivileged user namespaces — both checked once per interpreter by a probe run): the code
+//!   runs in new user, pid, network, mount, IPC, UTS and cgroup namespaces. It has **no network**
+//!   (not even loopback: a fresh net namespace has only a down `lo`), sees only a **read-only**
+//!   `/usr` (plus the `/bin`, `/lib*` links and the interpreter's own prefix when it lives outside
+//!   `/usr`), its scratch directory (writable, at `/sandbox`), a private `/tmp`, a minimal `/dev`
+//!   and the `/proc` of its own pid namespace — none of the evaluator's files, checkpoints or
+//!   processes. It cannot signal the evaluator, and killing the namespace's init (bubblewrap dies
+//!   with memgen, and memgen kills it at the end of every run) kills every process it started.
+//!   This holds for any user. When the evaluator runs as root the code additionally runs under a
+//!   fresh unprivileged uid per run, so `RLIMIT_NPROC` counts only its processes and stragglers can
+//!   also be killed by uid; as another user the process limit is the user's count plus
+//!   `max_procs`, and concurrent runs share that one per-user count, so a fork bomb in one run
+//!   can make a concurrent run fail to start its processes (a wrong 0, never a wrong 1). Without
+//!   root, grade one run at a time (`RAYON_NUM_THREADS=1`) when that matters.
+//! - [`Isolation::Unsandboxed`] (only when asked for with `allow_unsandboxed_code`; a warning is
+//!   printed once): the limits above, a network namespace only if the kernel grants one, and a
+//!   fresh uid only as root. As a non-root user the code can then read and write whatever that
+//!   user can and reach the network.
+//!
+//! When neither bubblewrap nor user namespaces work and unsandboxed runs were not allowed,
+//! [`Sandbox::new`] fails with an error naming the remedy: untrusted code is never run silently
+//! without isolation.
+//!
+//! Besides stdout/stderr, each run has a third pipe on fd 3 ([`Outcome::report`]): the code
+//! grader's trusted harness reports its verdict there (see `code.rs`).
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -80,6 +104,8 @@ pub struct Outcome {
     pub status: Status,
     pub stdout: String,
     pub stderr: String,
+    /// What the program wrote to fd 3 (the code harness's verdict channel).
+    pub report: String,
     pub elapsed: Duration,
 }
 
@@ -89,36 +115,85 @@ impl Outcome {
     }
 }
 
-/// A Python sandbox: the interpreter to use and the limits to apply.
+/// How a run is isolated (see the module docs for what each guarantees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// bubblewrap at this path: user, pid, network, mount, IPC, UTS and cgroup namespaces.
+    Namespaces(PathBuf),
+    /// Limits only (plus a fresh uid as root): explicitly allowed by the configuration.
+    Unsandboxed,
+}
+
+/// A Python sandbox: the interpreter to use, the limits to apply and the isolation.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     python: PathBuf,
     limits: Limits,
+    isolation: Isolation,
 }
 
 const SAFE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Where the scratch directory appears inside the namespaces.
+const SCRATCH: &str = "/sandbox";
 /// First uid handed to sandboxed runs when the evaluator is root.
 const UID_BASE: u32 = 200_000;
 const UID_SPAN: u32 = 1_000_000;
 static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+/// Probe results per interpreter: the bwrap path, or why namespaces cannot be had.
+static PROBES: Mutex<Vec<(PathBuf, std::result::Result<PathBuf, String>)>> = Mutex::new(Vec::new());
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The one-line remedy named when isolation is missing.
+pub const REMEDY: &str = "install bubblewrap (apt-get install bubblewrap) or, to run untrusted code without isolation, set `allow_unsandboxed_code: true` in the task config (CLI: `--options allow_unsandboxed_code true`)";
 
 impl Sandbox {
     /// A sandbox running `python` (an absolute path, or a name looked up in `SAFE_PATH` — never in
-    /// the caller's PATH, whose entries the sandbox user may not be able to read).
-    pub fn new(python: &str, limits: Limits) -> Result<Self> {
-        let python = resolve(python)
+    /// the caller's PATH, whose entries the sandbox user may not be able to read; symlinks are
+    /// resolved so the real interpreter can be mounted). Isolation is required unless
+    /// `allow_unsandboxed`; then a missing isolation only prints a warning (once per process).
+    pub fn new(python: &str, limits: Limits, allow_unsandboxed: bool) -> Result<Self> {
+        let found = resolve(python)
             .ok_or_else(|| TaskError::Sandbox(format!("`{python}` not found in {SAFE_PATH}")))?;
-        Ok(Self { python, limits })
+        let python = found
+            .canonicalize()
+            .map_err(|e| TaskError::Sandbox(format!("resolving {}: {e}", found.display())))?;
+        match probe(&python) {
+            Ok(bwrap) => Ok(Self {
+                python,
+                limits,
+                isolation: Isolation::Namespaces(bwrap),
+            }),
+            Err(why) if allow_unsandboxed => {
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "WARNING: running untrusted code WITHOUT isolation ({why}); it can read and write this user's files and use the network"
+                    );
+                }
+                Ok(Self {
+                    python,
+                    limits,
+                    isolation: Isolation::Unsandboxed,
+                })
+            }
+            Err(why) => Err(TaskError::Sandbox(format!(
+                "cannot isolate untrusted code ({why}); {REMEDY}"
+            ))),
+        }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+
     /// Run `main.py` (with `files` beside it) in a fresh directory; the script's own failures show
     /// in the [`Outcome`], an `Err` means the sandbox itself could not run.
     pub fn run(&self, main: &str, files: &[(&str, &str)]) -> Result<Outcome> {
         let err = |what: &str, e: std::io::Error| TaskError::Sandbox(format!("{what}: {e}"));
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let is_root = unsafe { libc::geteuid() } == 0;
         // As root the code runs as another user, who must be able to reach the directory: use
         // /tmp rather than a TMPDIR that may sit inside a private home.
@@ -140,17 +215,7 @@ impl Sandbox {
                 .map_err(|e| err(&format!("writing {name}"), e))?;
         }
         let uid = if is_root {
-            // A fresh uid per run (start at a random offset so parallel evaluators rarely meet).
-            let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
-            let start = *START_OFFSET.get_or_init(|| {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
-                (super::data::SplitMix64::new(t ^ u64::from(std::process::id())).next_u64()
-                    % u64::from(UID_SPAN)) as u32
-            });
-            let uid = UID_BASE + (start.wrapping_add(n) % UID_SPAN);
+            let uid = fresh_uid();
             chown_tree(dir.path(), uid).map_err(|e| err("handing the scratch dir over", e))?;
             Some(uid)
         } else {
@@ -160,36 +225,64 @@ impl Sandbox {
             self.limits.max_procs
         } else {
             // Not root: the limit counts all of our user's processes, so allow for those.
+            // SAFETY: getuid has no preconditions and cannot fail.
             count_user_procs(unsafe { libc::getuid() }) + self.limits.max_procs
         };
-        let limits = self.limits.clone();
-        let mut cmd = Command::new(&self.python);
+        let mut cmd = match &self.isolation {
+            Isolation::Namespaces(bwrap) => {
+                let mut c = Command::new(bwrap);
+                c.env_clear()
+                    .args(bwrap_args(&self.python, dir.path()))
+                    .env("HOME", SCRATCH)
+                    .env("TMPDIR", "/tmp");
+                c
+            }
+            Isolation::Unsandboxed => {
+                let mut c = Command::new(&self.python);
+                c.env_clear()
+                    .current_dir(dir.path())
+                    .env("HOME", dir.path())
+                    .env("TMPDIR", dir.path());
+                c
+            }
+        };
         cmd.args(["-E", "-s", "-B", "main.py"])
-            .current_dir(dir.path())
-            .env_clear()
             .env("PATH", SAFE_PATH)
-            .env("HOME", dir.path())
-            .env("TMPDIR", dir.path())
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The report pipe: our end close-on-exec, the child's end moved to fd 3 before exec.
+        let (report_r, report_w) = report_pipe().map_err(|e| err("creating the report pipe", e))?;
+        let report_fd = report_w.as_raw_fd();
+        let limits = self.limits.clone();
+        let try_netns = self.isolation == Isolation::Unsandboxed;
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls (no allocation, no locks).
         unsafe {
-            cmd.pre_exec(move || child_setup(&limits, nproc, uid));
+            cmd.pre_exec(move || child_setup(&limits, nproc, uid, report_fd, try_netns));
         }
         let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| err(&format!("starting {}", self.python.display()), e))?;
+        let spawned = cmd.spawn();
+        // Our copy of the write end must go, or the report reader never sees end-of-file.
+        drop(report_w);
+        let mut child =
+            spawned.map_err(|e| err(&format!("starting {}", self.python.display()), e))?;
         let pid = child.id() as libc::pid_t;
         let overflow = Arc::new(AtomicBool::new(false));
         let cap = self.limits.max_output_bytes;
         let out = Arc::new(Mutex::new(Vec::new()));
         let errb = Arc::new(Mutex::new(Vec::new()));
+        let rep = Arc::new(Mutex::new(Vec::new()));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let mut readers = 0;
+        let mut readers = 1;
+        spawn_reader(
+            report_r,
+            rep.clone(),
+            cap,
+            overflow.clone(),
+            done_tx.clone(),
+        );
         if let Some(s) = child.stdout.take() {
             spawn_reader(s, out.clone(), cap, overflow.clone(), done_tx.clone());
             readers += 1;
@@ -253,9 +346,115 @@ impl Sandbox {
             status,
             stdout: text(&out),
             stderr: text(&errb),
+            report: text(&rep),
             elapsed,
         })
     }
+}
+
+/// Whether namespaces work for `python`: bwrap must exist and a trivial run inside must succeed
+/// (as the real runs do: as root under a fresh uid). Probed once per interpreter.
+fn probe(python: &Path) -> std::result::Result<PathBuf, String> {
+    let mut probes = PROBES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, r)) = probes.iter().find(|(p, _)| p == python) {
+        return r.clone();
+    }
+    let result = (|| {
+        let bwrap =
+            resolve("bwrap").ok_or_else(|| "bubblewrap (bwrap) is not installed".to_string())?;
+        let sb = Sandbox {
+            python: python.to_path_buf(),
+            limits: Limits::with_timeout(10.0, 1024),
+            isolation: Isolation::Namespaces(bwrap.clone()),
+        };
+        let o = sb.run("print('ok')\n", &[]).map_err(|e| e.to_string())?;
+        if o.success() && o.stdout == "ok\n" {
+            Ok(bwrap)
+        } else {
+            let why = o.stderr.lines().next().unwrap_or("no output").to_string();
+            Err(format!("bubblewrap cannot create namespaces here: {why}"))
+        }
+    })();
+    probes.push((python.to_path_buf(), result.clone()));
+    result
+}
+
+/// bwrap's arguments up to the interpreter: every namespace, a read-only system, the scratch dir.
+fn bwrap_args(python: &Path, scratch: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = Vec::new();
+    let mut push = |xs: &[&std::ffi::OsStr]| a.extend(xs.iter().map(|x| x.to_os_string()));
+    let s = |x: &'static str| std::ffi::OsStr::new(x);
+    push(&[
+        s("--unshare-all"),
+        s("--die-with-parent"),
+        s("--cap-drop"),
+        s("ALL"),
+    ]);
+    push(&[s("--ro-bind"), s("/usr"), s("/usr")]);
+    // Merged-/usr systems have /bin, /lib… as links into /usr; others have real directories.
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        let p = Path::new(top);
+        match std::fs::read_link(p) {
+            Ok(target) => push(&[s("--symlink"), target.as_os_str(), p.as_os_str()]),
+            Err(_) if p.is_dir() => push(&[s("--ro-bind"), p.as_os_str(), p.as_os_str()]),
+            Err(_) => {}
+        }
+    }
+    // An interpreter outside /usr (pyenv, conda, /opt): mount its installation prefix.
+    if !python.starts_with("/usr") {
+        if let Some(prefix) = python.parent().and_then(Path::parent) {
+            push(&[s("--ro-bind"), prefix.as_os_str(), prefix.as_os_str()]);
+        }
+    }
+    push(&[
+        s("--ro-bind-try"),
+        s("/etc/ld.so.cache"),
+        s("/etc/ld.so.cache"),
+    ]);
+    push(&[
+        s("--proc"),
+        s("/proc"),
+        s("--dev"),
+        s("/dev"),
+        s("--tmpfs"),
+        s("/tmp"),
+    ]);
+    push(&[
+        s("--bind"),
+        scratch.as_os_str(),
+        s(SCRATCH),
+        s("--chdir"),
+        s(SCRATCH),
+    ]);
+    push(&[s("--"), python.as_os_str()]);
+    a
+}
+
+/// A uid no other run of this process is using (a random start so parallel evaluators rarely
+/// meet).
+fn fresh_uid() -> u32 {
+    let n = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+    let start = *START_OFFSET.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (super::data::SplitMix64::new(t ^ u64::from(std::process::id())).next_u64()
+            % u64::from(UID_SPAN)) as u32
+    });
+    UID_BASE + (start.wrapping_add(n) % UID_SPAN)
+}
+
+/// A pipe whose both ends are close-on-exec (the child's end is moved to fd 3 explicitly).
+fn report_pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((std::fs::File::from(r), w))
 }
 
 static START_OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
@@ -288,11 +487,22 @@ fn chown_tree(dir: &Path, uid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// In the child, between fork and exec: new session, limits, no network, drop privileges.
-fn child_setup(limits: &Limits, nproc: u64, uid: Option<u32>) -> std::io::Result<()> {
+/// In the child, between fork and exec: new session, limits, the report pipe on fd 3, (when
+/// unsandboxed) a network namespace if the kernel grants one, drop privileges.
+fn child_setup(
+    limits: &Limits,
+    nproc: u64,
+    uid: Option<u32>,
+    report_fd: libc::c_int,
+    try_netns: bool,
+) -> std::io::Result<()> {
+    let fail = || Err(std::io::Error::last_os_error());
+    // SAFETY (whole block): we are in the forked child before exec; every call below is an
+    // async-signal-safe system call on plain values or on `r`, a live stack value, and nothing
+    // allocates or takes a lock.
     unsafe {
         if libc::setsid() < 0 {
-            return Err(std::io::Error::last_os_error());
+            return fail();
         }
         let set = |res, v: u64| -> std::io::Result<()> {
             let r = libc::rlimit {
@@ -310,17 +520,29 @@ fn child_setup(limits: &Limits, nproc: u64, uid: Option<u32>) -> std::io::Result
         set(libc::RLIMIT_NOFILE, 256)?;
         set(libc::RLIMIT_CORE, 0)?;
         set(libc::RLIMIT_NPROC, nproc)?;
-        // No network where the kernel lets us make a namespace; ignore failure.
-        let _ = libc::unshare(libc::CLONE_NEWNET);
+        // fd 3 must survive exec: dup2 clears close-on-exec, unless it is already fd 3.
+        if report_fd == 3 {
+            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                return fail();
+            }
+        } else if libc::dup2(report_fd, 3) != 3 {
+            return fail();
+        }
+        if try_netns {
+            // Best effort only on the explicitly unsandboxed path (the user was warned).
+            let _ = libc::unshare(libc::CLONE_NEWNET);
+        }
         if let Some(uid) = uid {
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(uid as libc::gid_t) != 0
                 || libc::setuid(uid as libc::uid_t) != 0
             {
-                return Err(std::io::Error::last_os_error());
+                return fail();
             }
         }
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail();
+        }
         // Die with the evaluator (set after the uid change, which clears it).
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
@@ -365,6 +587,7 @@ fn exit_status(st: std::process::ExitStatus) -> Status {
 
 /// Whether `pid` has exited, without reaping it.
 fn exited_nowait(pid: libc::pid_t) -> std::io::Result<bool> {
+    // SAFETY: siginfo_t is plain data (all-zero is valid) and waitid only writes into `info`.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
         let r = libc::waitid(
@@ -383,6 +606,8 @@ fn exited_nowait(pid: libc::pid_t) -> std::io::Result<bool> {
 /// Kill the child's process group (the child itself not yet reaped, so the id is still ours) and,
 /// when it ran under its own uid, every process of that uid.
 fn kill_all(pgid: libc::pid_t, uid: Option<u32>) {
+    // SAFETY: kill has no memory effects; the group is our unreaped child's, so the id is not
+    // reused by anyone else.
     unsafe {
         libc::kill(-pgid, libc::SIGKILL);
     }
@@ -398,6 +623,7 @@ fn kill_uid(uid: u32) {
             return;
         }
         for p in pids {
+            // SAFETY: kill has no memory effects; `p` runs as the sandbox's own uid.
             unsafe {
                 libc::kill(p, libc::SIGKILL);
             }
@@ -459,7 +685,7 @@ mod tests {
 
     #[test]
     fn runs_python() {
-        let sb = Sandbox::new("python3", Limits::default()).unwrap();
+        let sb = Sandbox::new("python3", Limits::default(), false).unwrap();
         let o = sb.run("print('hi')\n", &[]).unwrap();
         assert!(o.success(), "{o:?}");
         assert_eq!(o.stdout, "hi\n");
@@ -472,6 +698,6 @@ mod tests {
         assert_eq!(o.stdout, "7\n", "{o:?}");
         let o = sb.run("raise SystemExit(3)\n", &[]).unwrap();
         assert_eq!(o.status, Status::Exited(3));
-        assert!(Sandbox::new("no-such-python-xyz", Limits::default()).is_err());
+        assert!(Sandbox::new("no-such-python-xyz", Limits::default(), false).is_err());
     }
 }
