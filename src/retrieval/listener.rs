@@ -39,6 +39,8 @@ use tokio::task::JoinSet;
 /// How long the accept loop pauses after an accept error that is not about one connection
 /// (e.g. out of file descriptors), so it does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Longest a finished connection is kept to read what its client still sends (see [`linger`]).
+const LINGER: Duration = Duration::from_secs(1);
 /// At most this much of a refused connection's request is read (and dropped) before the 503,
 /// so that closing does not reset the connection and hide the answer from the client.
 const REFUSED_DRAIN_BYTES: usize = 64 << 10;
@@ -238,36 +240,65 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    let conn = builder.serve_connection(io, service);
-    let mut conn = std::pin::pin!(conn);
+        .header_read_timeout(limits.header_timeout)
+        // A client may shut its write side once its request is sent; it still gets its answer.
+        .half_close(true);
+    let mut conn = builder.serve_connection(io, service);
     let mut shutting_down = false;
-    loop {
+    let finished = loop {
         tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    // Timeouts, resets and malformed requests end here: the client's problem.
-                    tracing::debug!("retrieval server: connection: {e}");
-                }
-                break;
-            }
+            // Without shutdown: the socket is taken back below to close it gently.
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break result,
             _ = state.evict.notified() => {
                 if state.busy.load(Ordering::Acquire) == 0 {
                     // Idle: nothing to lose, close now to free the slot.
-                    break;
+                    return;
                 }
                 // A request started since it was chosen: answer it, then close.
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
             }
             changed = closing.changed(), if !shutting_down => {
                 shutting_down = true;
                 if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                 }
             }
         }
+    };
+    match finished {
+        Ok(()) => linger(conn.into_parts().io.into_inner().inner, &limits).await,
+        // Timeouts, resets and malformed requests end here: the client's problem, and no
+        // reason to spend more time on it.
+        Err(e) => tracing::debug!("retrieval server: connection: {e}"),
     }
     drop(registered);
+}
+
+/// Close a finished connection without resetting it: send FIN, then read and drop whatever the
+/// client still sends (at most `max_body_bytes` + 64 KiB, for at most [`LINGER`]). When the
+/// server answered before reading a whole request (413 on a declared size, 408), the unread
+/// rest would otherwise make the close a reset, which can destroy the answer before the client
+/// reads it. A client that closes first (the usual case) ends this at once.
+async fn linger(mut stream: TcpStream, limits: &ServerLimits) {
+    let shut = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_shutdown(cx)).await;
+    if shut.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let budget = limits.max_body_bytes.saturating_add(REFUSED_DRAIN_BYTES);
+    let mut sink = [0u8; 8192];
+    let mut drained = 0usize;
+    while drained < budget {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Ok(Ok(())) => match stream.try_read(&mut sink) {
+                Ok(0) => break,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            },
+            _ => break,
+        }
+    }
 }
 
 /// Answer 503 (which limit, in JSON) and close, without ever waiting on the client.

@@ -21,30 +21,31 @@ use std::future::Future;
 use std::sync::Arc;
 
 /// What the server answers with and within.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// `topk` when a request leaves it out or sends 0 (0 here: [`DEFAULT_TOPK`]).
+    /// `topk` when a request leaves it out or sends 0.
     pub default_topk: usize,
     pub limits: ServerLimits,
 }
 
-impl ServerOptions {
-    /// The default `topk` in force (a 0 in `default_topk` means [`DEFAULT_TOPK`]).
-    pub fn effective_default_topk(&self) -> usize {
-        if self.default_topk == 0 {
-            DEFAULT_TOPK
-        } else {
-            self.default_topk
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            default_topk: DEFAULT_TOPK,
+            limits: ServerLimits::DEFAULT,
         }
     }
+}
 
+impl ServerOptions {
     /// Check the limits, and that a request leaving `topk` out can be answered.
     pub fn validate(&self) -> Result<(), RetrievalError> {
         self.limits.validate()?;
-        let topk = self.effective_default_topk();
-        if topk > self.limits.max_topk || topk > self.limits.max_results {
+        let topk = self.default_topk;
+        if topk == 0 || topk > self.limits.max_topk || topk > self.limits.max_results {
             return Err(RetrievalError::InvalidLimit(format!(
-                "the default topk ({topk}) must not exceed max_topk ({}) or max_results ({})",
+                "the default topk must be between 1 and max_topk ({}) and max_results ({}), \
+                 got {topk}",
                 self.limits.max_topk, self.limits.max_results
             )));
         }
@@ -77,7 +78,7 @@ pub fn router(index: Arc<Bm25Index>, options: ServerOptions) -> Router {
     let limit = options.limits.max_body_bytes;
     let state = Arc::new(AppState {
         index,
-        default_topk: options.effective_default_topk(),
+        default_topk: options.default_topk,
         limits: options.limits,
     });
     Router::new()
@@ -94,11 +95,20 @@ pub fn router(index: Arc<Bm25Index>, options: ServerOptions) -> Router {
 }
 
 fn too_large(limit: usize) -> Response {
-    limit_error(
+    closing(limit_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "max_body_bytes",
         format!("request body larger than {limit} bytes (--max-body-bytes)"),
-    )
+    ))
+}
+
+/// Mark an answer given before the whole body was read: the rest of the body may still be on
+/// its way, so this connection cannot carry another request.
+fn closing(mut answer: Response) -> Response {
+    answer
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    answer
 }
 
 async fn retrieve(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -125,20 +135,14 @@ async fn retrieve(State(state): State<Arc<AppState>>, request: Request) -> Respo
             return error(status, rejection.body_text());
         }
         Err(_) => {
-            let mut answer = limit_error(
+            return closing(limit_error(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 format!(
                     "request body not received within {} s (--request-timeout)",
                     limits.request_timeout.as_secs_f64()
                 ),
-            );
-            // The rest of the body may still be on its way: this connection cannot carry
-            // another request.
-            answer
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return answer;
+            ))
         }
     };
     let req = match parse_request(&body) {
