@@ -266,6 +266,8 @@ async fn serve_connection(
         }
     };
     match finished {
+        // On server stop there is no answer left to protect: close at once.
+        Ok(()) if shutting_down => {}
         Ok(()) => linger(conn.into_parts().io.into_inner().inner, &limits).await,
         // Timeouts, resets and malformed requests end here: the client's problem, and no
         // reason to spend more time on it.
