@@ -385,6 +385,23 @@ fn binary_reports_bad_input_on_one_line() {
     assert!(line.contains("bad.jsonl:3:"), "{line}");
     assert!(line.contains("contents"), "{line}");
 
+    // A limit no request could meet fails at once, before any index is built.
+    let out = memgen()
+        .args([
+            "retriever",
+            "serve",
+            "--port",
+            "0",
+            "--max-connections",
+            "0",
+        ])
+        .arg("--corpus")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let line = one_line_failure(&out);
+    assert!(line.contains("max_connections"), "{line}");
+
     // Nothing listens on port 1: a one-line connection error, fast.
     let t = Instant::now();
     let out = memgen()
