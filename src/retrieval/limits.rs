@@ -67,7 +67,8 @@ impl ServerLimits {
         for (name, value) in counts {
             if value == 0 {
                 return Err(RetrievalError::InvalidLimit(format!(
-                    "{name} must be at least 1"
+                    "{name} (--{}) must be at least 1",
+                    name.replace('_', "-")
                 )));
             }
         }
@@ -79,7 +80,8 @@ impl ServerLimits {
         for (name, value) in durations {
             if value.is_zero() {
                 return Err(RetrievalError::InvalidLimit(format!(
-                    "{name} must be longer than 0 s"
+                    "{name} (--{}) must be longer than 0 s",
+                    name.replace('_', "-")
                 )));
             }
         }
@@ -183,7 +185,7 @@ mod tests {
             ..Default::default()
         };
         let e = zero_conns.validate().unwrap_err().to_string();
-        assert!(e.contains("max_connections"), "{e}");
+        assert!(e.contains("max_connections (--max-connections)"), "{e}");
         let zero_wait = ServerLimits {
             header_timeout: Duration::ZERO,
             ..Default::default()
