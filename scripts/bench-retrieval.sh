@@ -4,7 +4,9 @@
 # request count and a time cap) over loopback. Prints requests/s, p50 and p99 latency.
 #
 # Usage: scripts/bench-retrieval.sh [PASSAGES] [REQUESTS] [CLIENTS]
-# Env:   CARGO_TARGET_DIR (where the release binary is built), BENCH_TIME_CAP (seconds, default 60)
+# Env:   CARGO_TARGET_DIR (where the release binary is built), BENCH_TIME_CAP (seconds, default 60),
+#        MEMGEN_BIN (benchmark this memgen binary instead of building one: to compare two builds
+#        side by side under the same machine load)
 # Needs: cargo, python3 (standard library only).
 set -euo pipefail
 
@@ -14,9 +16,14 @@ CLIENTS=${3:-8}
 TIME_CAP=${BENCH_TIME_CAP:-60}
 
 cd "$(dirname "$0")/.."
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build --release --quiet
-BIN="$TARGET_DIR/release/memgen"
+if [[ -n "${MEMGEN_BIN:-}" ]]; then
+    BIN=$MEMGEN_BIN
+    [[ -x "$BIN" ]] || { echo "MEMGEN_BIN=$BIN is not an executable file" >&2; exit 1; }
+else
+    TARGET_DIR=${CARGO_TARGET_DIR:-target}
+    cargo build --release --locked --quiet
+    BIN="$TARGET_DIR/release/memgen"
+fi
 
 WORK=$(mktemp -d -t memgen-bench-XXXXXX)
 SERVER_PID=""

@@ -1,113 +1,13 @@
 //! The built-in BM25 server and the HTTP client, over loopback.
 
-use memgen::retrieval::client::{HttpRetriever, RetrievalConfig};
+mod common;
+
+use common::retrieval::{client, post_raw, raw_exchange, start, wiki18_sample, write_corpus};
 use memgen::retrieval::index::{Bm25Index, IndexOrigin};
-use memgen::retrieval::server::{BackgroundServer, ServerOptions};
 use memgen::retrieval::{format_passages, Retriever};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const WIKI18_SAMPLE: &str = "/work/shared/data/wiki18_sample/corpus.jsonl";
-
-/// A small corpus in Search-R1's format: quoted title line, then text.
-fn write_corpus(dir: &Path) -> PathBuf {
-    let rows = [
-        (
-            "0",
-            "Rust (programming language)",
-            "Rust is a systems programming language focused on safety and speed.",
-        ),
-        (
-            "1",
-            "Candle (software)",
-            "Candle is a minimalist machine learning framework written in Rust by Hugging Face.",
-        ),
-        (
-            "2",
-            "Pavia Cathedral",
-            "The cathedral of Pavia was begun in 1488 and has a large dome.",
-        ),
-        (
-            "3",
-            "Iowa Highway 17",
-            "Iowa Highway 17 is a state highway in central Iowa, designated in 1969.",
-        ),
-        (
-            "4",
-            "Evan Morris",
-            "Evan Morris was a lobbyist for Genentech and Roche in Washington, D.C.",
-        ),
-        (
-            "5",
-            "Horatio Hale",
-            "Horatio Hale was an ethnologist and philologist on the Wilkes expedition.",
-        ),
-    ];
-    let mut s = String::new();
-    for (id, title, text) in rows {
-        let contents = format!("\"{title}\"\n{title} {text}");
-        s.push_str(&serde_json::json!({"id": id, "contents": contents}).to_string());
-        s.push('\n');
-    }
-    let path = dir.join("corpus.jsonl");
-    std::fs::write(&path, s).unwrap();
-    path
-}
-
-fn start(corpus: &Path) -> BackgroundServer {
-    let (index, origin) = Bm25Index::open_or_build(corpus, None, false).unwrap();
-    assert_eq!(origin, IndexOrigin::Built);
-    BackgroundServer::start(
-        Arc::new(index),
-        ServerOptions::default(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .unwrap()
-}
-
-fn client(url: &str) -> HttpRetriever {
-    HttpRetriever::new(RetrievalConfig {
-        url: url.to_string(),
-        timeout_secs: 5.0,
-        connect_timeout_secs: 2.0,
-        retries: 0,
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-/// POST a raw body; (status, JSON body).
-fn post_raw(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
-    let resp = match ureq::post(url)
-        .set("Content-Type", "application/json")
-        .send_bytes(body)
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("transport error: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-    (status, json)
-}
-
-/// Write `raw` (as far as the server reads it), maybe half-close, and return what the server
-/// answered until it closed the connection.
-fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8], half_close: bool) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(raw);
-    if half_close {
-        let _ = s.shutdown(std::net::Shutdown::Write);
-    }
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    String::from_utf8_lossy(&reply).into_owned()
-}
 
 #[test]
 fn client_and_server_round_trip() {
@@ -290,12 +190,8 @@ fn server_handles_concurrent_clients() {
 
 #[test]
 fn bm25_ranks_titles_first_on_wiki18_sample() {
-    let path = std::env::var("MEMGEN_WIKI18_SAMPLE").unwrap_or_else(|_| WIKI18_SAMPLE.into());
-    if !Path::new(&path).exists() {
-        eprintln!("skipping: {path} not found (set MEMGEN_WIKI18_SAMPLE)");
-        return;
-    }
-    let (index, _) = Bm25Index::open_or_build(Path::new(&path), None, false).unwrap();
+    let path = wiki18_sample();
+    let (index, _) = Bm25Index::open_or_build(&path, None, false).unwrap();
     assert_eq!(index.num_docs(), 10);
     let cases: &[(&str, &[&str])] = &[
         ("Evan Morris", &["0"]),
@@ -488,6 +384,23 @@ fn binary_reports_bad_input_on_one_line() {
     let line = one_line_failure(&out);
     assert!(line.contains("bad.jsonl:3:"), "{line}");
     assert!(line.contains("contents"), "{line}");
+
+    // A limit no request could meet fails at once, before any index is built.
+    let out = memgen()
+        .args([
+            "retriever",
+            "serve",
+            "--port",
+            "0",
+            "--max-connections",
+            "0",
+        ])
+        .arg("--corpus")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let line = one_line_failure(&out);
+    assert!(line.contains("max_connections"), "{line}");
 
     // Nothing listens on port 1: a one-line connection error, fast.
     let t = Instant::now();

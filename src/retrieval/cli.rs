@@ -2,12 +2,14 @@
 
 use super::client::{HttpRetriever, RetrievalConfig};
 use super::index::{Bm25Index, IndexOrigin};
+use super::limits::{parse_secs, ServerLimits};
 use super::server::{serve, shutdown_signal, ServerOptions};
 use super::{format_passages, DEFAULT_TOPK, DEFAULT_URL};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct RetrieverArgs {
@@ -39,9 +41,33 @@ pub struct ServeArgs {
     /// `topk` when a request leaves it out.
     #[arg(long, default_value_t = DEFAULT_TOPK)]
     pub default_topk: usize,
-    /// Largest `topk` a request may ask for.
-    #[arg(long, default_value_t = 100)]
+    /// Largest `topk` a request may ask for (more: 400).
+    #[arg(long, default_value_t = ServerLimits::DEFAULT.max_topk)]
     pub max_topk: usize,
+    /// Most queries in one request (more: 400).
+    #[arg(long, default_value_t = ServerLimits::DEFAULT.max_queries)]
+    pub max_queries: usize,
+    /// Most passages one request may ask for, queries × topk (more: 400).
+    #[arg(long, default_value_t = ServerLimits::DEFAULT.max_results)]
+    pub max_results: usize,
+    /// Largest request body in bytes (more: 413).
+    #[arg(long, default_value_t = ServerLimits::DEFAULT.max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Connections served at once; beyond it the longest-idle one is closed, or (all busy) the
+    /// new one waits --connection-wait, then gets 503.
+    #[arg(long, default_value_t = ServerLimits::DEFAULT.max_connections)]
+    pub max_connections: usize,
+    // The duration defaults are spelled out for clap; a test checks they are ServerLimits'.
+    /// Seconds a connection may wait for a free slot.
+    #[arg(long, value_parser = parse_secs, default_value = "2")]
+    pub connection_wait: Duration,
+    /// Seconds to receive a request's headers (from connection open or the previous answer).
+    #[arg(long, value_parser = parse_secs, default_value = "10")]
+    pub header_timeout: Duration,
+    /// Seconds to receive a request's body and search (408/503 past it); also the longest a
+    /// write of the answer may stall.
+    #[arg(long, value_parser = parse_secs, default_value = "30")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -72,6 +98,22 @@ pub fn run(args: RetrieverArgs) -> anyhow::Result<()> {
     }
 }
 
+impl ServeArgs {
+    /// The server limits these flags set.
+    pub fn limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections,
+            connection_wait: self.connection_wait,
+            header_timeout: self.header_timeout,
+            request_timeout: self.request_timeout,
+            max_body_bytes: self.max_body_bytes,
+            max_queries: self.max_queries,
+            max_topk: self.max_topk,
+            max_results: self.max_results,
+        }
+    }
+}
+
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     if a.default_topk == 0 || a.default_topk > a.max_topk {
         anyhow::bail!(
@@ -80,6 +122,12 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             a.default_topk
         );
     }
+    let options = ServerOptions {
+        default_topk: a.default_topk,
+        limits: a.limits(),
+    };
+    // Before the (possibly long) index build: a bad flag should fail at once.
+    options.validate()?;
     let started = std::time::Instant::now();
     let (index, origin) = Bm25Index::open_or_build(&a.corpus, a.index.as_deref(), true)?;
     eprintln!(
@@ -91,11 +139,6 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         index.num_docs(),
         started.elapsed().as_secs_f64()
     );
-    let options = ServerOptions {
-        default_topk: a.default_topk,
-        max_topk: a.max_topk,
-        ..ServerOptions::default()
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,7 +151,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         eprintln!("memgen retriever: listening on http://{addr}/retrieve");
         serve(listener, Arc::new(index), options, shutdown_signal())
             .await
-            .context("serving")
+            .map_err(anyhow::Error::from)
     })
 }
 
@@ -132,4 +175,35 @@ fn run_query(a: QueryArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn serve_flags_default_to_server_limits() {
+        let cli = Cli::try_parse_from(["serve", "--corpus", "c.jsonl"]).unwrap();
+        assert_eq!(cli.serve.limits(), ServerLimits::DEFAULT);
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--corpus",
+            "c.jsonl",
+            "--header-timeout",
+            "0.5",
+            "--max-results",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.header_timeout, Duration::from_millis(500));
+        assert_eq!(cli.serve.max_results, 7);
+        assert!(Cli::try_parse_from(["serve", "--corpus", "c", "--request-timeout", "0"]).is_err());
+    }
 }

@@ -3,12 +3,16 @@
 //! - [`protocol`]: the wire format (`{"queries", "topk", "return_scores"}` → `{"result": ...}`).
 //! - [`client`]: [`client::HttpRetriever`], a blocking client with timeouts and retries.
 //! - [`index`]: a BM25 index over a Search-R1 corpus (`{"id", "contents"}` JSON lines), on tantivy.
-//! - [`server`]: the `/retrieve` HTTP server over that index (axum).
+//! - [`server`]: the `/retrieve` HTTP server over that index (axum routes).
+//! - [`listener`]: its connection handling: slots, eviction of idle connections, timeouts.
+//! - [`limits`]: [`limits::ServerLimits`], every bound the server puts on a client.
 //! - [`cli`]: `memgen retriever serve|query`.
 
 pub mod cli;
 pub mod client;
 pub mod index;
+pub mod limits;
+pub mod listener;
 pub mod protocol;
 pub mod server;
 
@@ -100,6 +104,17 @@ pub enum RetrievalError {
     /// Anything the index (tantivy or its directory) reports.
     #[error("index {path}: {detail}")]
     Index { path: String, detail: String },
+    /// A server limit no request could meet (a zero count or duration), or a default `topk`
+    /// outside them.
+    #[error("invalid server limit: {0}")]
+    InvalidLimit(String),
+    /// The server could not bind, or its runtime could not start.
+    #[error("retrieval server: {what}: {source}")]
+    Serve {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// At most `n` bytes of `s` (cut on a char boundary), for error messages.

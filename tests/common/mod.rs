@@ -1,6 +1,8 @@
 //! Shared test helpers: locating the real models (fetched on demand) and the shared fixtures.
 #![allow(dead_code)]
 
+pub mod retrieval;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
