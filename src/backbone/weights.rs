@@ -322,10 +322,16 @@ impl BaseWeights {
             });
         }
         let norm = load("model.norm.weight")?;
-        let lm_head = if has("lm_head.weight") && !config.tie_word_embeddings {
+        // An untied model without its head must not quietly become a tied one.
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else if has("lm_head.weight") {
             load("lm_head.weight")?
         } else {
-            embed_tokens.clone()
+            return Err(BackboneError::format(
+                &shown,
+                "missing tensor `lm_head.weight` (config.json says tie_word_embeddings: false)",
+            ));
         };
         let mut w = BaseWeights {
             config,
