@@ -1,9 +1,11 @@
 //! Every backbone family against transformers 4.55.4 on tiny random checkpoints
 //! (../shared/fixtures/tiny, bf16 weights upcast exactly to f32): the logits of the 20 best ids at
 //! every position and the full last row within 2e-4, by the fused inference path and by the graph
-//! (training) path, and greedy continuations (KV-cached) token for token.
+//! (training) path and by the memory tests' literal reference decoder, and greedy continuations
+//! (KV-cached) token for token.
 
 mod common;
+mod reference;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use memgen::backbone::generate::{generate, Sampler, SamplingConfig};
@@ -100,7 +102,7 @@ fn check(name: &str, arch: Arch) {
     assert_eq!(m.backbone.config().arch, arch, "{name}: architecture");
     let prompts = fx["prompts"].as_array().expect("prompts");
     assert!(!prompts.is_empty(), "{name}: no prompts in the fixture");
-    let (mut infer, mut graph) = ((0f32, 0f32), (0f32, 0f32));
+    let (mut infer, mut graph, mut literal) = ((0f32, 0f32), (0f32, 0f32), (0f32, 0f32));
     for p in prompts {
         let ids = u32s(&p["input_ids"]);
         let text = p["text"].as_str().unwrap();
@@ -109,6 +111,12 @@ fn check(name: &str, arch: Arch) {
         infer = (infer.0.max(t), infer.1.max(l));
         let (t, l) = compare(name, "graph", &logits(&m, &ids, &mut Mode::Grad), p);
         graph = (graph.0.max(t), graph.1.max(l));
+        // The memory tests' yardstick, the literal decoder, must itself be right.
+        let x = reference::embed_ids(&m.backbone, &ids);
+        let h = reference::literal_forward(&m.backbone, &x);
+        let lit = m.backbone.logits(&h).unwrap().to_vec2::<f32>().unwrap();
+        let (t, l) = compare(name, "literal", &lit, p);
+        literal = (literal.0.max(t), literal.1.max(l));
         let want = u32s(&p["greedy"]);
         let mut s = Sampler::new(SamplingConfig {
             max_new_tokens: want.len(),
@@ -126,11 +134,13 @@ fn check(name: &str, arch: Arch) {
         assert_eq!(out[0].tokens, want, "{name}: greedy continuation");
     }
     eprintln!(
-        "{name}: max |Δlogit| infer top-20 {:.2e} last row {:.2e}; graph top-20 {:.2e} last row {:.2e}; greedy equal ({} prompts)",
+        "{name}: max |Δlogit| infer top-20 {:.2e} last row {:.2e}; graph top-20 {:.2e} last row {:.2e}; literal reference top-20 {:.2e} last row {:.2e}; greedy equal ({} prompts)",
         infer.0,
         infer.1,
         graph.0,
         graph.1,
+        literal.0,
+        literal.1,
         prompts.len()
     );
 }
