@@ -209,3 +209,48 @@ fn dropping_a_family_feature_breaks_parity() {
         );
     }
 }
+
+/// Linear rope scaling (every inverse frequency divided by the factor) as the literal decoder
+/// computes it, on the llama3 fixture's weights over its longest prompt.
+#[test]
+fn linear_rope_scaling_matches_the_literal_decoder() {
+    use memgen::backbone::{Backbone, BaseWeights, RopeScaling};
+    let dir = common::shared().join("fixtures/tiny/llama3");
+    let mut w = BaseWeights::from_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    w.config.rope_scaling = Some(RopeScaling::Linear { factor: 4.0 });
+    let plain = memgen::backbone::Config {
+        rope_scaling: None,
+        ..w.config.clone()
+    };
+    for (a, b) in w.config.inv_freq().iter().zip(plain.inv_freq()) {
+        assert!((a * 4.0 - b).abs() <= 1e-6 * b, "{a} * 4 vs {b}");
+    }
+    let bb = Backbone::new(std::sync::Arc::new(w));
+    let fx = common::fixture("tiny/llama3.dev.json");
+    let ids = fx["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| u32s(&p["input_ids"]))
+        .max_by_key(|v| v.len())
+        .expect("a prompt");
+    let x = reference::embed_ids(&bb, &ids);
+    let want = reference::literal_forward(&bb, &x);
+    let got = reference::full_forward_mode(&bb, &x, &mut Mode::Grad);
+    let fast = bb.forward(
+        &x.unsqueeze(0).unwrap(),
+        &[vec![1u8; ids.len()]],
+        &positions_tensor(
+            &positions_from_mask(&[vec![1u8; ids.len()]], &[0]),
+            &Device::Cpu,
+        )
+        .unwrap(),
+        None,
+        &mut Mode::Infer,
+    );
+    let fast = fast.unwrap().squeeze(0).unwrap();
+    for (what, h) in [("graph", &got), ("infer", &fast)] {
+        let d = common::max_abs_diff(&bb.logits(h).unwrap(), &bb.logits(&want).unwrap());
+        assert!(d < 1e-4, "{what}: linear-scaled logits differ by {d}");
+    }
+}

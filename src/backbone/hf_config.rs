@@ -200,11 +200,12 @@ fn rope(j: &Json) -> Result<(f64, Option<RopeScaling>), BackboneError> {
     if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
         theta = t;
     }
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    // `type` is the legacy spelling of `rope_type`; errors name the key the file uses.
+    let (type_key, kind) = match (p.get("rope_type"), p.get("type")) {
+        (Some(t), _) => ("rope_type", t.as_str().unwrap_or("?")),
+        (None, Some(t)) => ("type", t.as_str().unwrap_or("?")),
+        (None, None) => ("rope_type", "default"),
+    };
     let num = |k: &str| -> Result<f64, BackboneError> {
         p.get(k).and_then(Value::as_f64).ok_or_else(|| {
             j.err(format!(
@@ -225,7 +226,7 @@ fn rope(j: &Json) -> Result<(f64, Option<RopeScaling>), BackboneError> {
         }),
         other => {
             return Err(j.err(format!(
-                "`{key}.rope_type: {other}` is not supported (memgen implements default, linear and llama3)"
+                "`{key}.{type_key}: {other}` is not supported (memgen implements default, linear and llama3)"
             )))
         }
     };

@@ -269,12 +269,20 @@ impl BaseWeights {
             unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
                 BackboneError::format(&shown, format!("not a readable safetensors file: {e}"))
             })?;
+        let has = |name: &str| st.get(name).is_ok();
+        // bf16/f16/f32 storage is upcast exactly (to_dtype widens without rounding).
         let load = |name: &str| -> Result<Tensor, BackboneError> {
+            if !has(name) {
+                // Candle's own error carries a multi-line backtrace; this is one line.
+                return Err(BackboneError::format(
+                    &shown,
+                    format!("missing tensor `{name}`"),
+                ));
+            }
             st.load(name, device)
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| BackboneError::format(&shown, format!("tensor `{name}`: {e}")))
         };
-        let has = |name: &str| st.get(name).is_ok();
         // Required where the family has them: a missing q/k norm must not load as "no norm".
         let qk_norm = |name: &str| -> Result<Option<Tensor>, BackboneError> {
             if config.qk_norm {
