@@ -254,3 +254,228 @@ fn linear_rope_scaling_matches_the_literal_decoder() {
         assert!(d < 1e-4, "{what}: linear-scaled logits differ by {d}");
     }
 }
+
+/// The GGUF llama.cpp would write for `w` (f32 tensors, llama.cpp's names and metadata): Q/K
+/// rows permuted for llama-converted families, llama3 rope scaling as `rope_freqs.weight`
+/// (convert_hf_to_gguf's per-frequency factors), Qwen3's norms as `attn_q_norm`/`attn_k_norm`.
+/// `extra` metadata is appended (for files that ask for what memgen does not implement).
+fn write_gguf(
+    w: &memgen::backbone::BaseWeights,
+    path: &std::path::Path,
+    extra: Vec<(String, candle_core::quantized::gguf_file::Value)>,
+) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use memgen::backbone::RopeScaling;
+    let c = &w.config;
+    let arch = c.arch.hf_names().0;
+    let permute = matches!(c.arch, Arch::Llama | Arch::SmolLM3);
+    let hd = c.head_dim;
+    let perm = |t: &Tensor, heads: usize| -> Tensor {
+        let (out, inp) = t.dims2().unwrap();
+        t.reshape((heads, 2, hd / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap()
+    };
+    let mut tensors: Vec<(String, Tensor)> = vec![
+        ("token_embd.weight".into(), w.embed_tokens.clone()),
+        ("output_norm.weight".into(), w.norm.clone()),
+    ];
+    if !c.tie_word_embeddings {
+        tensors.push(("output.weight".into(), w.lm_head.clone()));
+    }
+    if let Some(RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    }) = &c.rope_scaling
+    {
+        let factors: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let f = 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    *factor as f32
+                } else {
+                    let s = (old / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - s) / factor + s)) as f32
+                }
+            })
+            .collect();
+        let n = factors.len();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            Tensor::from_vec(factors, n, &Device::Cpu).unwrap(),
+        ));
+    }
+    for (i, l) in w.layers.iter().enumerate() {
+        let p = format!("blk.{i}");
+        let (q, k) = if permute {
+            (
+                perm(&l.q_proj, c.num_attention_heads),
+                perm(&l.k_proj, c.num_key_value_heads),
+            )
+        } else {
+            (l.q_proj.clone(), l.k_proj.clone())
+        };
+        let mut put =
+            |n: &str, t: &Tensor| tensors.push((format!("{p}.{n}"), t.contiguous().unwrap()));
+        put("attn_q.weight", &q);
+        put("attn_k.weight", &k);
+        put("attn_v.weight", &l.v_proj);
+        put("attn_output.weight", &l.o_proj);
+        for (n, b) in [
+            ("attn_q", &l.q_bias),
+            ("attn_k", &l.k_bias),
+            ("attn_v", &l.v_bias),
+        ] {
+            if let Some(b) = b {
+                put(&format!("{n}.bias"), b);
+            }
+        }
+        for (n, t) in [("attn_q_norm", &l.q_norm), ("attn_k_norm", &l.k_norm)] {
+            if let Some(t) = t {
+                put(&format!("{n}.weight"), t);
+            }
+        }
+        put("ffn_gate.weight", &l.gate_proj);
+        put("ffn_up.weight", &l.up_proj);
+        put("ffn_down.weight", &l.down_proj);
+        put("attn_norm.weight", &l.input_layernorm);
+        put("ffn_norm.weight", &l.post_attention_layernorm);
+    }
+    let q: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            // A fresh buffer: the fused projections' views start at an offset, which
+            // QTensor::quantize does not honour.
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+            (n.clone(), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    let u = |x: usize| gguf_file::Value::U32(x as u32);
+    let md: Vec<(String, gguf_file::Value)> = vec![
+        (
+            "general.architecture".into(),
+            gguf_file::Value::String(arch.into()),
+        ),
+        (format!("{arch}.embedding_length"), u(c.hidden_size)),
+        (format!("{arch}.block_count"), u(c.num_hidden_layers)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(c.intermediate_size),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            u(c.num_attention_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(c.num_key_value_heads),
+        ),
+        (format!("{arch}.attention.key_length"), u(hd)),
+        (format!("{arch}.rope.dimension_count"), u(hd)),
+        (
+            format!("{arch}.context_length"),
+            u(c.max_position_embeddings),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            gguf_file::Value::F32(c.rms_norm_eps as f32),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            gguf_file::Value::F32(c.rope_theta as f32),
+        ),
+    ];
+    let md: Vec<(String, gguf_file::Value)> = md.into_iter().chain(extra).collect();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &q_refs).unwrap();
+}
+
+/// Each family loads from a GGUF written with llama.cpp's conventions and matches transformers
+/// as the Hugging Face directory does (SmolLM3's NoPE layout comes from llama.cpp's fixed
+/// interval of 4, which is the fixture's `no_rope_layers`).
+#[test]
+fn gguf_of_each_family_matches_transformers() {
+    use memgen::backbone::{Backbone, BaseWeights};
+    for name in ["qwen3", "qwen3-untied", "smollm3", "llama3", "qwen2-tied"] {
+        let dir = common::shared().join("fixtures/tiny").join(name);
+        let hf = BaseWeights::from_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(format!("{name}.gguf"));
+        write_gguf(&hf, &path, vec![]);
+        let g = BaseWeights::from_gguf(&path, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(g.config.arch, hf.config.arch, "{name}");
+        assert_eq!(g.config.nope_layers, hf.config.nope_layers, "{name}");
+        assert_eq!(g.config.qk_norm, hf.config.qk_norm, "{name}");
+        assert_eq!(
+            g.config.rope_scaling.is_some(),
+            hf.config.rope_scaling.is_some(),
+            "{name}"
+        );
+        let mut m = backbone::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        m.backbone = Backbone::new(std::sync::Arc::new(g));
+        let fx = common::fixture(&format!("tiny/{name}.dev.json"));
+        let mut worst = (0f32, 0f32);
+        for p in fx["prompts"].as_array().expect("prompts") {
+            let ids = u32s(&p["input_ids"]);
+            let (t, l) = compare(name, "gguf", &logits(&m, &ids, &mut Mode::Infer), p);
+            worst = (worst.0.max(t), worst.1.max(l));
+        }
+        eprintln!(
+            "{name} from GGUF: max |Δlogit| top-20 {:.2e} last row {:.2e}",
+            worst.0, worst.1
+        );
+    }
+}
+
+/// GGUF metadata asking for math memgen does not implement is refused in one line naming the key.
+#[test]
+fn gguf_with_unsupported_math_is_refused_naming_the_key() {
+    use candle_core::quantized::gguf_file::Value;
+    use memgen::backbone::BaseWeights;
+    let dir = common::shared().join("fixtures/tiny/qwen3");
+    let hf = BaseWeights::from_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let cases = [
+        ("qwen3.rope.scaling.type", Value::String("yarn".into())),
+        ("qwen3.attention.sliding_window", Value::U32(16)),
+        ("qwen3.expert_count", Value::U32(8)),
+    ];
+    for (key, value) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.gguf");
+        write_gguf(&hf, &path, vec![(key.to_string(), value)]);
+        let err = BaseWeights::from_gguf(&path, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{key}: loaded"))
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains("m.gguf") && !err.contains('\n'),
+            "{key}: {err:?}"
+        );
+    }
+    // Partial rotary: a rope dimension below head_dim (the later duplicate key wins on read).
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(
+        &hf,
+        &path,
+        vec![("qwen3.rope.dimension_count".into(), Value::U32(8))],
+    );
+    let err = BaseWeights::from_gguf(&path, DType::F32, &Device::Cpu)
+        .err()
+        .expect("partial rotary loaded")
+        .to_string();
+    assert!(err.contains("rope.dimension_count"), "{err}");
+}
