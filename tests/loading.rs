@@ -227,3 +227,134 @@ fn linear_rope_scaling_under_the_legacy_type_key_loads() {
         Some(backbone::RopeScaling::Linear { factor: 4.0 })
     );
 }
+
+#[test]
+fn bad_hf_directories() {
+    let (dir, _) = tiny_hf_dir("qwen2");
+    let p = dir.path().to_str().unwrap().to_string();
+    let st = dir.path().join("model.safetensors");
+    let cfg = dir.path().join("config.json");
+    let good_cfg = std::fs::read_to_string(&cfg).unwrap();
+    // Missing field.
+    let mut v: serde_json::Value = serde_json::from_str(&good_cfg).unwrap();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "hidden_size");
+    // Unknown architecture.
+    let mut v: serde_json::Value = serde_json::from_str(&good_cfg).unwrap();
+    v["model_type"] = "gpt_neox".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "gpt_neox");
+    // Malformed JSON.
+    std::fs::write(&cfg, "{ not json").unwrap();
+    assert_one_line_error(&["score", "--model", &p, "--text", "hi"], "config.json");
+    std::fs::write(&cfg, &good_cfg).unwrap();
+    // Truncated safetensors.
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(
+        &["score", "--model", &p, "--text", "hi"],
+        "model.safetensors",
+    );
+    std::fs::remove_file(&st).unwrap();
+    assert_one_line_error(
+        &["score", "--model", &p, "--text", "hi"],
+        "model.safetensors",
+    );
+}
+
+#[test]
+fn unknown_gguf_architecture_and_bad_device() {
+    assert_one_line_error(&["generate", "--device", "tpu", "--prompt", "x"], "tpu");
+    assert_one_line_error(&["generate", "--device", "cuda:0", "--prompt", "x"], "cuda");
+    assert_one_line_error(&["generate", "--dtype", "f8", "--prompt", "x"], "f8");
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "no-such-org/no-such-model",
+            "--prompt",
+            "x",
+        ],
+        "no-such-org/no-such-model",
+    );
+}
+
+#[test]
+fn generate_and_score_json() {
+    common::model("smollm2");
+    let (code, out, err) = memgen(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{out}");
+    let (code, out, _) = memgen(&["score", "--text", "<|im_start|>user\nhi", "--top-k", "4"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["token_ids"][0], 1,
+        "<|im_start|> must tokenize as the special token"
+    );
+    let top = v["top_logits"].as_array().unwrap();
+    assert_eq!(top.len(), v["token_ids"].as_array().unwrap().len());
+    let row = top[0].as_array().unwrap();
+    assert_eq!(row.len(), 4);
+    assert!(row[0][1].as_f64().unwrap() >= row[3][1].as_f64().unwrap());
+}
+
+#[test]
+fn generation_is_the_same_with_the_packed_weights_turned_off() {
+    common::model("smollm2");
+    let run = |packed: bool, args: &[&str]| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memgen"));
+        if !packed {
+            cmd.env("MEMGEN_PACKED_WEIGHTS", "0");
+        }
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Greedy, so the tokens must agree exactly.
+    let gen = [
+        "generate",
+        "--prompt",
+        "Name three facts about Paris.",
+        "--chat",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ];
+    let (a, b) = (run(true, &gen), run(false, &gen));
+    assert_eq!(a, b, "packed and in-place weights generated different text");
+    // Logits of a 60-token text (past the row-major kernel's 48-row limit) agree to f32 rounding.
+    let text = "Counting: one, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen, fifteen, sixteen, seventeen, eighteen, nineteen, twenty, twenty-one, twenty-two.";
+    let score = ["score", "--text", text, "--top-k", "3"];
+    let (a, b) = (run(true, &score), run(false, &score));
+    let (ta, tb) = (
+        a["top_logits"].as_array().unwrap(),
+        b["top_logits"].as_array().unwrap(),
+    );
+    assert!(ta.len() > 48, "{} tokens", ta.len());
+    assert_eq!(ta.len(), tb.len());
+    let mut worst = 0f64;
+    for (ra, rb) in ta.iter().zip(tb) {
+        for (x, y) in ra.as_array().unwrap().iter().zip(rb.as_array().unwrap()) {
+            assert_eq!(x[0], y[0], "top tokens differ: {ra} vs {rb}");
+            worst = worst.max((x[1].as_f64().unwrap() - y[1].as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst < 1e-3, "logits differ by {worst}");
+    // The kernels round differently, so identical logits would mean the setting was ignored.
+    assert!(worst > 0.0, "MEMGEN_PACKED_WEIGHTS=0 changed nothing");
+}
