@@ -175,7 +175,8 @@ fn qwen2_tied_matches_transformers() {
 #[test]
 fn dropping_a_family_feature_breaks_parity() {
     use memgen::backbone::{Backbone, BaseWeights};
-    let cases: [(&str, fn(&mut BaseWeights)); 3] = [
+    type Strip = fn(&mut BaseWeights);
+    let cases: [(&str, Strip); 3] = [
         ("llama3", |w| w.config.rope_scaling = None),
         ("smollm3", |w| w.config.nope_layers.clear()),
         ("qwen3", |w| {
@@ -474,8 +475,7 @@ fn gguf_with_unsupported_math_is_refused_naming_the_key() {
         vec![("qwen3.rope.dimension_count".into(), Value::U32(8))],
     );
     let err = BaseWeights::from_gguf(&path, DType::F32, &Device::Cpu)
-        .err()
-        .expect("partial rotary loaded")
+        .expect_err("partial rotary loaded")
         .to_string();
     assert!(err.contains("rope.dimension_count"), "{err}");
 }
