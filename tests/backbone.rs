@@ -1,4 +1,5 @@
-//! The decoder's machinery on tiny random models of both families: padding, positions, masks,
+//! The decoder's machinery on tiny random models of every family (llama, qwen2, qwen3, smollm3,
+//! llama with llama3 rope scaling): padding, positions, masks,
 //! KV-cache equivalence, LoRA at zero, both forward modes, and finite-difference gradients.
 
 mod common;
@@ -8,8 +9,6 @@ use common::{max_abs_diff, tiny};
 use memgen::backbone::generate::{argmax, generate, ids_tensor, left_pad, Sampler, SamplingConfig};
 use memgen::backbone::model::{positions_from_mask, positions_tensor};
 use memgen::backbone::{Arch, Backbone, LoraConfig, LoraSet, Mode};
-
-const ARCHS: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
 
 fn hidden(m: &Backbone, rows: &[Vec<u32>], mode: &mut Mode) -> (Tensor, Vec<Vec<u8>>) {
     let (ids, mask) = left_pad(rows, 0);
@@ -24,15 +23,15 @@ fn hidden(m: &Backbone, rows: &[Vec<u32>], mode: &mut Mode) -> (Tensor, Vec<Vec<
 
 #[test]
 fn left_padding_does_not_change_real_positions() {
-    for arch in ARCHS {
-        let m = tiny(arch, 1);
+    for arch in common::FAMILIES {
+        let m = common::tiny_family(arch, 1);
         let short = vec![5, 9, 2, 17];
         let long = vec![3, 1, 4, 1, 5, 9, 2, 6];
         let (batch, _) = hidden(&m, &[short.clone(), long.clone()], &mut Mode::Infer);
         let (alone, _) = hidden(&m, std::slice::from_ref(&short), &mut Mode::Infer);
         let padded_row = batch.i((0, 4.., ..)).unwrap();
         let d = max_abs_diff(&padded_row, &alone.i(0).unwrap());
-        assert!(d < 1e-5, "{arch:?}: padded row differs by {d}");
+        assert!(d < 1e-5, "{arch}: padded row differs by {d}");
         let (alone_long, _) = hidden(&m, &[long], &mut Mode::Infer);
         assert!(max_abs_diff(&batch.i(1).unwrap(), &alone_long.i(0).unwrap()) < 1e-5);
     }
@@ -54,8 +53,8 @@ fn positions_follow_the_mask() {
 #[test]
 fn a_mask_hole_hides_that_token() {
     // Masking a token must make the output independent of its value.
-    for arch in ARCHS {
-        let m = tiny(arch, 2);
+    for arch in common::FAMILIES {
+        let m = common::tiny_family(arch, 2);
         let dev = Device::Cpu;
         let run = |tok: u32| {
             let ids = vec![vec![4, tok, 8, 15]];
@@ -73,8 +72,8 @@ fn a_mask_hole_hides_that_token() {
 
 #[test]
 fn cached_chunks_equal_one_full_pass() {
-    for arch in ARCHS {
-        let m = tiny(arch, 3);
+    for arch in common::FAMILIES {
+        let m = common::tiny_family(arch, 3);
         let dev = Device::Cpu;
         let rows = vec![
             vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
@@ -114,7 +113,7 @@ fn cached_chunks_equal_one_full_pass() {
             &full.i((.., 3.., ..)).unwrap(),
             &chunked.i((.., 3.., ..)).unwrap(),
         );
-        assert!(d < 1e-5, "{arch:?}: {d}");
+        assert!(d < 1e-5, "{arch}: {d}");
         assert_eq!(cache.len(), 10);
     }
 }
@@ -142,8 +141,8 @@ fn greedy_no_cache(m: &Backbone, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>
 
 #[test]
 fn cached_generation_equals_recomputing() {
-    for arch in ARCHS {
-        let m = tiny(arch, 4);
+    for arch in common::FAMILIES {
+        let m = common::tiny_family(arch, 4);
         let prompts = vec![vec![7, 3, 9], vec![1, 2, 3, 4, 5, 6, 7], vec![42]];
         let mut s = Sampler::new(SamplingConfig {
             max_new_tokens: 12,
@@ -152,7 +151,7 @@ fn cached_generation_equals_recomputing() {
         let got = generate(&m, &prompts, 0, &[], &mut s, |_, _| {}).unwrap();
         let want = greedy_no_cache(&m, &prompts, 12);
         for (g, w) in got.iter().zip(want) {
-            assert_eq!(g.tokens, w, "{arch:?}");
+            assert_eq!(g.tokens, w, "{arch}");
         }
     }
 }
@@ -210,8 +209,8 @@ fn generation_stops_on_eos_and_sampling_is_seeded() {
 
 #[test]
 fn lora_at_zero_equals_base_and_grad_mode_equals_infer() {
-    for arch in ARCHS {
-        let base = tiny(arch, 6);
+    for arch in common::FAMILIES {
+        let base = common::tiny_family(arch, 6);
         let mut with = base.clone();
         let cfg = LoraConfig {
             target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
@@ -223,12 +222,12 @@ fn lora_at_zero_equals_base_and_grad_mode_equals_infer() {
         let (b, _) = hidden(&with, &rows, &mut Mode::Infer);
         assert!(
             max_abs_diff(&a, &b) < 1e-6,
-            "{arch:?}: zero-B LoRA changed the output"
+            "{arch}: zero-B LoRA changed the output"
         );
         let (c, _) = hidden(&with, &rows, &mut Mode::Grad);
         assert!(
             max_abs_diff(&a, &c) < 1e-5,
-            "{arch:?}: grad-mode ops differ from fused ones"
+            "{arch}: grad-mode ops differ from fused ones"
         );
         // A non-zero B must change it.
         for (_, _, l) in with.lora.iter() {
@@ -247,8 +246,8 @@ fn fused_inference_with_adapters_equals_the_graph_path() {
     // weight-streaming kernel for a few rows and on the packed weights past 48 rows. The graph
     // path (`Mode::Grad`) computes each projection separately.
     use rand::{Rng, SeedableRng};
-    for arch in ARCHS {
-        let base = tiny(arch, 8);
+    for arch in common::FAMILIES {
+        let base = common::tiny_family(arch, 8);
         let mut with = base.clone();
         let cfg = LoraConfig {
             target_modules: [
@@ -303,7 +302,7 @@ fn fused_inference_with_adapters_equals_the_graph_path() {
             let b = real(hidden(&with, &rows, &mut Mode::Grad).0, &mask);
             assert!(
                 max_abs_diff(&a, &b) < 1e-4,
-                "{arch:?}, {} rows: fused inference differs from the graph path by {}",
+                "{arch}, {} rows: fused inference differs from the graph path by {}",
                 rows.iter().map(Vec::len).sum::<usize>(),
                 max_abs_diff(&a, &b)
             );
@@ -327,8 +326,8 @@ fn loss(m: &Backbone, x: &Tensor, mask: &[Vec<u8>], pos: &Tensor) -> Tensor {
 
 #[test]
 fn gradients_reach_lora_and_input_embeddings() {
-    for arch in ARCHS {
-        let mut m = tiny(arch, 7);
+    for arch in common::FAMILIES {
+        let mut m = common::tiny_family(arch, 7);
         let cfg = LoraConfig {
             lora_dropout: 0.0,
             ..Default::default()

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use memgen::backbone::{self, Arch};
+use memgen::backbone;
 
 fn memgen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_memgen"))
@@ -66,12 +66,19 @@ fn truncated_gguf() {
 
 #[test]
 fn hf_directory_loads_and_matches() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
-        let (dir, w) = common::tiny_hf_dir(arch);
+    for family in common::FAMILIES {
+        let (dir, w) = common::tiny_hf_dir(family);
         let m = backbone::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(m.backbone.config(), &w.config);
+        assert_eq!(m.backbone.config(), &w.config, "{family}");
         let d = common::max_abs_diff(&m.backbone.weights.layers[1].q_proj, &w.layers[1].q_proj);
         assert_eq!(d, 0.0);
+        if let Some(qn) = &w.layers[1].q_norm {
+            let got = m.backbone.weights.layers[1]
+                .q_norm
+                .as_ref()
+                .expect("q_norm");
+            assert_eq!(common::max_abs_diff(got, qn), 0.0, "{family}");
+        }
         assert_eq!(m.tokenizer.encode("Hello world 123").unwrap().len(), 6);
         let (code, out, err) = memgen(&[
             "score",
@@ -88,9 +95,126 @@ fn hf_directory_loads_and_matches() {
     }
 }
 
+/// A copy of the tiny `fixture` directory whose config.json has been edited by `edit`.
+fn edited_fixture(fixture: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = common::shared().join("fixtures/tiny").join(fixture);
+    assert!(src.is_dir(), "fixture {} is missing", src.display());
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f))
+            .unwrap_or_else(|e| panic!("{}: {e}", src.join(f).display()));
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+    dir
+}
+
+/// Every config field that changes the math and that memgen does not implement is refused, by
+/// the library and by `memgen score`, with one line naming the field and the file.
+#[test]
+fn unsupported_math_is_refused_naming_the_field() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: Vec<(&str, &str, Edit)> = vec![
+        ("llama3", "`gemma2`", |v| v["model_type"] = "gemma2".into()),
+        ("llama3", "rope_scaling.rope_type: yarn", |v| {
+            v["rope_scaling"]["rope_type"] = "yarn".into()
+        }),
+        ("llama3", "rope_scaling.type: dynamic", |v| {
+            let r = v["rope_scaling"].as_object_mut().unwrap();
+            r.remove("rope_type");
+            r.insert("type".into(), "dynamic".into());
+        }),
+        ("llama3", "rope_scaling.rope_type: longrope", |v| {
+            v["rope_scaling"]["rope_type"] = "longrope".into()
+        }),
+        ("llama3", "rope_scaling.low_freq_factor", |v| {
+            v["rope_scaling"]
+                .as_object_mut()
+                .unwrap()
+                .remove("low_freq_factor");
+        }),
+        ("llama3", "attention_bias", |v| {
+            v["attention_bias"] = true.into()
+        }),
+        ("llama3", "mlp_bias", |v| v["mlp_bias"] = true.into()),
+        ("llama3", "partial_rotary_factor", |v| {
+            v["partial_rotary_factor"] = 0.5.into()
+        }),
+        ("llama3", "hidden_act: gelu", |v| {
+            v["hidden_act"] = "gelu".into()
+        }),
+        ("llama3", "quantization_config", |v| {
+            v["quantization_config"] = serde_json::json!({"quant_method": "gptq"})
+        }),
+        ("qwen3", "layer_types", |v| {
+            v["use_sliding_window"] = true.into();
+            v["sliding_window"] = 16.into();
+            v["layer_types"][3] = "sliding_attention".into();
+        }),
+        ("qwen3", "use_sliding_window", |v| {
+            v["use_sliding_window"] = true.into();
+            v["sliding_window"] = 16.into();
+            v.as_object_mut().unwrap().remove("layer_types");
+        }),
+        ("qwen3", "attention_bias", |v| {
+            v["attention_bias"] = true.into()
+        }),
+        ("qwen2-tied", "rope_scaling.rope_type: yarn", |v| {
+            v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+        }),
+        ("smollm3", "no_rope_layers", |v| {
+            v["no_rope_layers"] = serde_json::json!([1, 1, 0])
+        }),
+        // A qwen3 config over weights without q/k norms: the norm tensor is named.
+        ("llama3", "q_norm", |v| v["model_type"] = "qwen3".into()),
+        // An untied config over a tied checkpoint: the missing head is named.
+        ("qwen3", "lm_head.weight", |v| {
+            v["tie_word_embeddings"] = false.into()
+        }),
+    ];
+    for (fixture, needle, edit) in cases {
+        let dir = edited_fixture(fixture, edit);
+        let err = match backbone::load(dir.path(), DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("{fixture} with {needle}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(needle) && !err.contains('\n'),
+            "{fixture}: {err:?} should be one line naming {needle:?}"
+        );
+        let file = if needle.ends_with("weight") || needle == "q_norm" {
+            "model.safetensors"
+        } else {
+            "config.json"
+        };
+        assert!(err.contains(file), "{err:?} does not name {file}");
+        let p = dir.path().to_str().unwrap();
+        assert_one_line_error(&["score", "--model", p, "--text", "hi"], needle);
+    }
+}
+
+/// The legacy `type` key and linear scaling load (the math is checked in tests/architectures.rs).
+#[test]
+fn linear_rope_scaling_under_the_legacy_type_key_loads() {
+    let dir = edited_fixture("llama3", |v| {
+        v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 4.0})
+    });
+    let m = backbone::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        m.backbone.config().rope_scaling,
+        Some(backbone::RopeScaling::Linear { factor: 4.0 })
+    );
+}
+
 #[test]
 fn bad_hf_directories() {
-    let (dir, _) = common::tiny_hf_dir(Arch::Qwen2);
+    let (dir, _) = common::tiny_hf_dir("qwen2");
     let p = dir.path().to_str().unwrap().to_string();
     let st = dir.path().join("model.safetensors");
     let cfg = dir.path().join("config.json");

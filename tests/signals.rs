@@ -15,7 +15,6 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use memgen::backbone::Arch;
 
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
@@ -62,7 +61,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let (model, _) = common::tiny_hf_dir(Arch::Qwen2);
+    let (model, _) = common::tiny_hf_dir("qwen2");
     let work = tempfile::tempdir().unwrap();
     let config = write_config(work.path(), model.path());
     Setup {

@@ -1,9 +1,11 @@
-//! The frozen decoder every part of MemGen stands on: Qwen2 / LLaMA on Candle, loaded from GGUF,
+//! The frozen decoder every part of MemGen stands on: LLaMA (3.x rope scaling), Qwen2, Qwen3 and
+//! SmolLM3 on Candle, loaded from GGUF,
 //! a Hugging Face directory or a hub repo id; its tokenizer and chat template; generation.
 
 pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod hf_config;
 pub mod lora;
 pub mod model;
 pub mod ops;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-pub use config::{Arch, Config};
+pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
 pub use tokenizer::TextTokenizer;

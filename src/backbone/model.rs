@@ -1,4 +1,5 @@
-//! The decoder: Qwen2 / LLaMA blocks over input embeddings, with explicit attention mask, position
+//! The decoder: LLaMA / Qwen2 / Qwen3 / SmolLM3 blocks (the families differ only in q/k biases,
+//! Qwen3's per-head q/k norms, SmolLM3's NoPE layers and the rope frequencies) over input embeddings, with explicit attention mask, position
 //! ids, an optional KV cache and optional LoRA adapters. One forward serves inference (fast fused
 //! ops) and training (ops with a backward pass); both compute the same function.
 
@@ -351,7 +352,7 @@ impl Backbone {
             }
             None => mask.to_vec(),
         };
-        let (cos, sin) = ops::rope_tables(positions, c.head_dim, c.rope_theta)?;
+        let (cos, sin) = ops::rope_tables(positions, &c.inv_freq())?;
         if let Some(cache) = cache.as_deref_mut() {
             if !mode.grad() {
                 cache.reserve(past + l)?;
@@ -514,8 +515,18 @@ impl Backbone {
                 Tensor::cat(&[q, k, v], D::Minus1)?
             }
         };
-        // Rows [q heads | k heads | v heads], with rope applied to the q and k heads.
-        let rows = ops::rope_rows_infer(&qkv, cos, sin, nh + nkv, hd)?;
+        // Qwen3 normalises each q and k head before the rotation.
+        let qkv = match (&w.q_norm, &w.k_norm) {
+            (Some(qn), Some(kn)) => ops::qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, c.rms_norm_eps)?,
+            _ => qkv,
+        };
+        // Rows [q heads | k heads | v heads], with rope applied to the q and k heads (NoPE layers
+        // leave them as they are).
+        let rows = if c.uses_rope(li) {
+            ops::rope_rows_infer(&qkv, cos, sin, nh + nkv, hd)?
+        } else {
+            qkv
+        };
         // Attention works on the full (B × L) layout: the cache keeps every slot.
         let rows = match packing {
             Some(p) => p.unpack(&rows)?,
@@ -636,11 +647,25 @@ impl Backbone {
         let q = self.proj(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref(), mode)?;
         let k = self.proj(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref(), mode)?;
         let v = self.proj(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref(), mode)?;
-        let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
+        let (q, k) = (q.reshape((b, l, nh, hd))?, k.reshape((b, l, nkv, hd))?);
+        let (q, k) = match (&w.q_norm, &w.k_norm) {
+            (Some(qn), Some(kn)) => (
+                ops::rms_norm(&q, qn, c.rms_norm_eps)?,
+                ops::rms_norm(&k, kn, c.rms_norm_eps)?,
+            ),
+            _ => (q, k),
+        };
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
         let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::apply_rope(&q, cos, sin)?;
-        let k = ops::apply_rope(&k, cos, sin)?;
+        let (q, k) = if c.uses_rope(li) {
+            (
+                ops::apply_rope(&q, cos, sin)?,
+                ops::apply_rope(&k, cos, sin)?,
+            )
+        } else {
+            (q.contiguous()?, k.contiguous()?)
+        };
         let (k, v) = match cache {
             Some(cache) => cache.append(li, &k, &v, mode.grad())?,
             None => (k, v),

@@ -610,17 +610,40 @@ impl CustomOp2 for Fused2 {
     }
 }
 
-/// Rotary embedding tables for explicit per-row positions: `positions` is (B × L) u32; returns
-/// cos, sin of shape (B × L × D/2) in f32, computed like Hugging Face (f32 outer product).
-pub fn rope_tables(positions: &Tensor, head_dim: usize, theta: f64) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let inv = Tensor::from_vec(inv_freq, (1, 1, half), positions.device())?;
+/// Rotary embedding tables for explicit per-row positions: `positions` is (B × L) u32, `inv_freq`
+/// the D/2 inverse frequencies (already rescaled, see `Config::inv_freq`); returns cos, sin of
+/// shape (B × L × D/2) in f32, computed like Hugging Face (f32 outer product).
+pub fn rope_tables(positions: &Tensor, inv_freq: &[f32]) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let inv = Tensor::from_slice(inv_freq, (1, 1, half), positions.device())?;
     let pos = positions.to_dtype(DType::F32)?.unsqueeze(2)?;
     let freqs = pos.broadcast_mul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Qwen3's per-head RMSNorm of the q heads (weight `qn`) and k heads (`kn`) of fused rows
+/// `[q heads | k heads | v heads]` (B × L × W); the v heads pass through. Inference only.
+pub fn qk_norm_rows(
+    qkv: &Tensor,
+    qn: &Tensor,
+    kn: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, l, _) = qkv.dims3()?;
+    let norm = |start: usize, n: usize, w: &Tensor| -> Result<Tensor> {
+        let x = qkv
+            .narrow(2, start * head_dim, n * head_dim)?
+            .contiguous()?
+            .reshape((b, l, n, head_dim))?;
+        candle_nn::ops::rms_norm(&x, w, eps as f32)?.reshape((b, l, n * head_dim))
+    };
+    let q = norm(0, heads, qn)?;
+    let k = norm(heads, kv_heads, kn)?;
+    let v = qkv.narrow(2, (heads + kv_heads) * head_dim, kv_heads * head_dim)?;
+    Tensor::cat(&[&q, &k, &v], 2)
 }
 
 /// Non-interleaved (Hugging Face `rotate_half`) rotary embedding of x (B × H × L × D) by Candle's

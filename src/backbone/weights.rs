@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Arch, Config};
+use super::config::{Arch, Config, RopeScaling};
 use super::packed::PackedWeight;
 use super::BackboneError;
 
@@ -27,6 +27,9 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
+    /// Qwen3's RMSNorm weights over each q / k head (size head_dim), applied before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     /// `[q; k; v]` stacked by rows, so inference runs one matmul for all three; after
     /// [`LayerWeights::fuse`] `q_proj`, `k_proj` and `v_proj` are views into it (no second copy).
     pub qkv_proj: Option<Tensor>,
@@ -159,6 +162,24 @@ impl BaseWeights {
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| BackboneError::format(&file, format!("dequantizing `{name}`: {e}")))
         };
+        let mut config = config;
+        if let Some(RopeScaling::Freqs { factors }) = &mut config.rope_scaling {
+            *factors = load("rope_freqs.weight")?
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| {
+                    BackboneError::format(&file, format!("tensor `rope_freqs.weight`: {e}"))
+                })?;
+        }
+        let qk = config.qk_norm;
+        let qk_norm = |name: &str, load: &mut dyn FnMut(&str) -> Result<Tensor, BackboneError>| {
+            if qk {
+                load(name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let embed_tokens = load("token_embd.weight")?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         let (h, kv, hd) = (
@@ -170,8 +191,8 @@ impl BaseWeights {
             let p = format!("blk.{i}");
             let mut q = load(&format!("{p}.attn_q.weight"))?;
             let mut k = load(&format!("{p}.attn_k.weight"))?;
-            if config.arch == Arch::Llama {
-                // llama.cpp stores llama's Q/K rows permuted for interleaved RoPE; undo it so the
+            if matches!(config.arch, Arch::Llama | Arch::SmolLM3) {
+                // llama.cpp stores llama's (and SmolLM3's, converted as llama) Q/K rows permuted for interleaved RoPE; undo it so the
                 // weights (and any LoRA on them) are in Hugging Face's layout.
                 q = unpermute_rows(&q, h, hd).map_err(|e| BackboneError::format(&file, e))?;
                 k = unpermute_rows(&k, kv, hd).map_err(|e| BackboneError::format(&file, e))?;
@@ -200,6 +221,8 @@ impl BaseWeights {
                 down_proj: load(&format!("{p}.ffn_down.weight"))?,
                 input_layernorm: load(&format!("{p}.attn_norm.weight"))?,
                 post_attention_layernorm: load(&format!("{p}.ffn_norm.weight"))?,
+                q_norm: qk_norm(&format!("{p}.attn_q_norm.weight"), &mut load)?,
+                k_norm: qk_norm(&format!("{p}.attn_k_norm.weight"), &mut load)?,
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,
@@ -246,12 +269,33 @@ impl BaseWeights {
             unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
                 BackboneError::format(&shown, format!("not a readable safetensors file: {e}"))
             })?;
+        let has = |name: &str| st.get(name).is_ok();
+        // bf16/f16/f32 storage is upcast exactly (to_dtype widens without rounding).
         let load = |name: &str| -> Result<Tensor, BackboneError> {
+            if !has(name) {
+                // Candle's own error carries a multi-line backtrace; this is one line.
+                return Err(BackboneError::format(
+                    &shown,
+                    format!("missing tensor `{name}`"),
+                ));
+            }
             st.load(name, device)
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| BackboneError::format(&shown, format!("tensor `{name}`: {e}")))
         };
-        let has = |name: &str| st.get(name).is_ok();
+        // Required where the family has them: a missing q/k norm must not load as "no norm".
+        let qk_norm = |name: &str| -> Result<Option<Tensor>, BackboneError> {
+            if config.qk_norm {
+                load(name).map(Some)
+            } else if has(name) {
+                Err(BackboneError::format(
+                    &shown,
+                    format!("tensor `{name}` is not used by a {:?} model", config.arch),
+                ))
+            } else {
+                Ok(None)
+            }
+        };
         let embed_tokens = load("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -277,6 +321,8 @@ impl BaseWeights {
                 down_proj: load(&format!("{p}.mlp.down_proj.weight"))?,
                 input_layernorm: load(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: load(&format!("{p}.post_attention_layernorm.weight"))?,
+                q_norm: qk_norm(&format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: qk_norm(&format!("{p}.self_attn.k_norm.weight"))?,
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,
@@ -284,10 +330,16 @@ impl BaseWeights {
             });
         }
         let norm = load("model.norm.weight")?;
-        let lm_head = if has("lm_head.weight") && !config.tie_word_embeddings {
+        // An untied model without its head must not quietly become a tied one.
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else if has("lm_head.weight") {
             load("lm_head.weight")?
         } else {
-            embed_tokens.clone()
+            return Err(BackboneError::format(
+                &shown,
+                "missing tensor `lm_head.weight` (config.json says tie_word_embeddings: false)",
+            ));
         };
         let mut w = BaseWeights {
             config,
@@ -333,6 +385,18 @@ impl BaseWeights {
             want(&format!("layers.{i}.k_proj"), &l.k_proj, &[kvd, d])?;
             want(&format!("layers.{i}.v_proj"), &l.v_proj, &[kvd, d])?;
             want(&format!("layers.{i}.o_proj"), &l.o_proj, &[d, qd])?;
+            for (n, t) in [("q_norm", &l.q_norm), ("k_norm", &l.k_norm)] {
+                match t {
+                    Some(t) => want(&format!("layers.{i}.{n}"), t, &[hd])?,
+                    None if c.qk_norm => {
+                        return Err(BackboneError::format(
+                            file,
+                            format!("missing tensor layers.{i}.{n}"),
+                        ))
+                    }
+                    None => {}
+                }
+            }
             want(
                 &format!("layers.{i}.gate_proj"),
                 &l.gate_proj,
@@ -356,6 +420,29 @@ impl BaseWeights {
     /// f32 or the compute dtype), e.g. to hand a GGUF model to another stack.
     pub fn save_hf_dir(&self, dir: &Path) -> anyhow::Result<()> {
         let c = &self.config;
+        // Decided before anything is written, so a refusal leaves nothing half-written.
+        let rope_scaling = match &c.rope_scaling {
+            None => serde_json::Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            Some(RopeScaling::Freqs { .. }) => anyhow::bail!(
+                "{}: llama.cpp's per-frequency rope factors (rope_freqs.weight) have no config.json form",
+                dir.display()
+            ),
+        };
         let mut t: Vec<(String, Tensor)> = vec![
             (
                 "model.embed_tokens.weight".into(),
@@ -382,6 +469,11 @@ impl BaseWeights {
             put("mlp.up_proj.weight", &l.up_proj);
             put("mlp.down_proj.weight", &l.down_proj);
             put("input_layernorm.weight", &l.input_layernorm);
+            for (n, w) in [("q_norm", &l.q_norm), ("k_norm", &l.k_norm)] {
+                if let Some(w) = w {
+                    put(&format!("self_attn.{n}.weight"), w);
+                }
+            }
             put(
                 "post_attention_layernorm.weight",
                 &l.post_attention_layernorm,
@@ -394,11 +486,8 @@ impl BaseWeights {
             .tempfile_in(dir)?;
         candle_core::safetensors::save(&map, tmp.path())?;
         crate::util::persist(tmp, &dir.join("model.safetensors"))?;
-        let (model_type, arch) = match c.arch {
-            Arch::Llama => ("llama", "LlamaForCausalLM"),
-            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-        };
-        let cfg = serde_json::json!({
+        let (model_type, arch) = c.arch.hf_names();
+        let mut cfg = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "vocab_size": c.vocab_size,
@@ -415,7 +504,14 @@ impl BaseWeights {
             "attention_bias": c.attention_bias,
             "hidden_act": "silu",
             "torch_dtype": "float32",
+            "rope_scaling": rope_scaling,
         });
+        if c.arch == Arch::SmolLM3 {
+            let flags: Vec<u8> = (0..c.num_hidden_layers)
+                .map(|i| u8::from(c.uses_rope(i)))
+                .collect();
+            cfg["no_rope_layers"] = serde_json::json!(flags);
+        }
         crate::util::write_atomic(
             &dir.join("config.json"),
             serde_json::to_string_pretty(&cfg)?.as_bytes(),
@@ -457,6 +553,16 @@ impl BaseWeights {
                 )?,
                 input_layernorm: (t(&[d], 0.2)? + 1.0)?,
                 post_attention_layernorm: (t(&[d], 0.2)? + 1.0)?,
+                q_norm: if c.qk_norm {
+                    Some((t(&[hd], 0.2)? + 1.0)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some((t(&[hd], 0.2)? + 1.0)?)
+                } else {
+                    None
+                },
                 qkv_proj: None,
                 qkv_bias: None,
                 gate_up_proj: None,

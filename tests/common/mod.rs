@@ -53,9 +53,10 @@ pub fn fixture(name: &str) -> serde_json::Value {
 }
 
 use candle_core::{Device, Tensor};
-use memgen::backbone::{Arch, Backbone, BaseWeights, Config};
+use memgen::backbone::{Arch, Backbone, BaseWeights, Config, RopeScaling};
 
-/// A tiny randomly initialised decoder of either family, built in code.
+/// A tiny randomly initialised decoder of each family, built in code. Qwen3's head_dim (12)
+/// differs from hidden / heads (8), so every shape has to use heads × head_dim.
 pub fn tiny_config(arch: Arch) -> Config {
     Config {
         arch,
@@ -65,18 +66,58 @@ pub fn tiny_config(arch: Arch) -> Config {
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        head_dim: 8,
+        head_dim: if arch == Arch::Qwen3 { 12 } else { 8 },
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,
         max_position_embeddings: 512,
-        tie_word_embeddings: arch == Arch::Llama,
+        tie_word_embeddings: matches!(arch, Arch::Llama | Arch::SmolLM3),
         attention_bias: arch == Arch::Qwen2,
+        rope_scaling: None,
+        qk_norm: arch == Arch::Qwen3,
+        // The second layer skips RoPE.
+        nope_layers: if arch == Arch::SmolLM3 {
+            vec![1]
+        } else {
+            vec![]
+        },
     }
 }
 
 pub fn tiny(arch: Arch, seed: u64) -> Backbone {
-    let w = BaseWeights::random(tiny_config(arch), seed, &Device::Cpu).unwrap();
+    tiny_from(tiny_config(arch), seed)
+}
+
+pub fn tiny_from(config: Config, seed: u64) -> Backbone {
+    let w = BaseWeights::random(config, seed, &Device::Cpu).unwrap();
     Backbone::new(std::sync::Arc::new(w))
+}
+
+/// The families the machinery is checked on: each architecture, plus llama with Llama 3.1 rope
+/// scaling (original context 64, so with head_dim 8 and theta 1e4 one frequency is kept, one
+/// interpolated and two divided by the factor).
+pub const FAMILIES: [&str; 5] = ["llama", "qwen2", "qwen3", "smollm3", "llama3"];
+
+pub fn tiny_family_config(family: &str) -> Config {
+    match family {
+        "llama" => tiny_config(Arch::Llama),
+        "qwen2" => tiny_config(Arch::Qwen2),
+        "qwen3" => tiny_config(Arch::Qwen3),
+        "smollm3" => tiny_config(Arch::SmolLM3),
+        "llama3" => Config {
+            rope_scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            }),
+            ..tiny_config(Arch::Llama)
+        },
+        other => panic!("unknown test family {other}"),
+    }
+}
+
+pub fn tiny_family(family: &str, seed: u64) -> Backbone {
+    tiny_from(tiny_family_config(family), seed)
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -170,9 +211,9 @@ pub fn fd_check(
 
 /// A tiny random model of `arch` saved as a Hugging Face directory, with SmolLM2's tokenizer (its
 /// vocabulary size, so real task text tokenizes as it would for the real model).
-pub fn tiny_hf_dir(arch: Arch) -> (tempfile::TempDir, BaseWeights) {
+pub fn tiny_hf_dir(family: &str) -> (tempfile::TempDir, BaseWeights) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(arch);
+    let mut cfg = tiny_family_config(family);
     cfg.vocab_size = 49152; // SmolLM2's tokenizer
     let w = BaseWeights::random(cfg, 11, &Device::Cpu).unwrap();
     w.save_hf_dir(dir.path()).unwrap();
