@@ -18,6 +18,7 @@ pub mod episode;
 pub mod eval;
 pub mod grade;
 pub mod gsm8k;
+pub mod hub;
 pub mod math;
 pub mod qa;
 pub mod sandbox;
@@ -152,6 +153,9 @@ pub enum TaskError {
     BadGold(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    /// A hub dataset could not be resolved or fetched (the message names the `hf://` source).
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
 }
 
 pub type Result<T, E = TaskError> = std::result::Result<T, E>;
