@@ -549,3 +549,40 @@ fn shard_directory() {
     let r = memgen_data(dir.path(), &dead_endpoint(), dir.path().to_str().unwrap(), &[]);
     assert_eq!(rows_of(&r), 5);
 }
+
+/// The shipped experiment configs name the original's hub datasets, in a form the loader accepts.
+#[test]
+fn shipped_configs_name_hub_datasets() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let expect = [
+        ("gsm8k", "hf://openai/gsm8k/main/train", "hf://openai/gsm8k/main/test"),
+        (
+            "gpqa",
+            "hf://Idavidrein/gpqa/gpqa_diamond/train",
+            "hf://Idavidrein/gpqa/gpqa_diamond/train",
+        ),
+        (
+            "kodcode",
+            "hf://KodCode/KodCode-Light-RL-10K/default/train",
+            "hf://KodCode/KodCode-Light-RL-10K/default/train",
+        ),
+        (
+            "triviaqa",
+            "hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext/train",
+            "hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext/validation",
+        ),
+    ];
+    for (name, train, test) in expect {
+        let p = root.join(format!("configs/latent_memory/{name}.yaml"));
+        let task = memgen::config::RunConfig::load(&p, &[])
+            .unwrap()
+            .dataset()
+            .unwrap()
+            .task;
+        let show = |p: &Option<std::path::PathBuf>| p.as_ref().unwrap().display().to_string();
+        assert_eq!((show(&task.train_path), show(&task.test_path)), (train.into(), test.into()));
+        for s in [train, test] {
+            memgen::tasks::hub::HubSource::parse(s, "train").unwrap();
+        }
+    }
+}
