@@ -241,6 +241,7 @@ fn one_line_error(out: &Output, needle: &str) {
 
 #[test]
 fn bad_inputs() {
+    let test = shared_data("gsm8k/test.jsonl");
     one_line_error(
         &memgen(&["eval", "--config", "no/such.yaml", "--vanilla"]),
         "no/such.yaml",
@@ -250,6 +251,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--vanilla",
             "--load-model-path",
             "x",
@@ -261,6 +265,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--max-samples",
             "1",
         ]),
@@ -271,6 +278,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--load-model-path",
             "/no/such/ckpt",
         ]),
