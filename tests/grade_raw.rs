@@ -29,7 +29,11 @@ fn grade_rows(cfg: &TaskConfig, dir: &Path, name: &str, rows: &[Value]) -> (Vec<
     let rewards = std::fs::read_to_string(&output)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["reward"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     (rewards, serde_json::to_value(summary).unwrap())
 }

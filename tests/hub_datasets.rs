@@ -81,7 +81,10 @@ fn respond(s: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
@@ -103,21 +106,35 @@ fn handle(mut stream: TcpStream, hub: &Mutex<Hub>) -> std::io::Result<()> {
         }
         let lower = h.to_ascii_lowercase();
         if let Some(r) = lower.strip_prefix("range: bytes=") {
-            range_start = r.split('-').next().unwrap_or("0").trim().parse().unwrap_or(0);
+            range_start = r
+                .split('-')
+                .next()
+                .unwrap_or("0")
+                .trim()
+                .parse()
+                .unwrap_or(0);
         }
     }
     let hub = hub.lock().unwrap();
     if let Some(rest) = path.strip_prefix("/api/datasets/") {
         // {owner}/{name}/revision/{rev}
         let parts: Vec<&str> = rest.splitn(4, '/').collect();
-        let (repo, rev) = (format!("{}/{}", parts[0], parts[1]), percent_decode(parts[3]));
+        let (repo, rev) = (
+            format!("{}/{}", parts[0], parts[1]),
+            percent_decode(parts[3]),
+        );
         if hub.stall_info {
             drop(hub);
             std::thread::sleep(Duration::from_secs(60));
             return Ok(());
         }
         if hub.gated.contains(&repo) {
-            respond(&mut stream, "401 Unauthorized", &[], b"{\"error\":\"gated\"}");
+            respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[],
+                b"{\"error\":\"gated\"}",
+            );
             return Ok(());
         }
         match hub.repos.get(&(repo, rev)) {
@@ -135,14 +152,22 @@ fn handle(mut stream: TcpStream, hub: &Mutex<Hub>) -> std::io::Result<()> {
                     body.as_bytes(),
                 );
             }
-            None => respond(&mut stream, "404 Not Found", &[], b"{\"error\":\"not found\"}"),
+            None => respond(
+                &mut stream,
+                "404 Not Found",
+                &[],
+                b"{\"error\":\"not found\"}",
+            ),
         }
         return Ok(());
     }
     let (file, direct) = if let Some(rest) = path.strip_prefix("/datasets/") {
         // {owner}/{name}/resolve/{rev}/{file}
         let parts: Vec<&str> = rest.splitn(5, '/').collect();
-        let key = (format!("{}/{}", parts[0], parts[1]), percent_decode(parts[3]));
+        let key = (
+            format!("{}/{}", parts[0], parts[1]),
+            percent_decode(parts[3]),
+        );
         let Some(r) = hub.repos.get(&key) else {
             respond(&mut stream, "404 Not Found", &[], b"");
             return Ok(());
@@ -224,12 +249,14 @@ fn parquet_rows(tag: &str, n: usize) -> Vec<u8> {
             let mut c = g.next_column().unwrap().unwrap();
             let values: Vec<ByteArray> = (0..n)
                 .map(|i| {
-                    ByteArray::from(if col == 0 {
-                        format!("{tag} question {i}?")
-                    } else {
-                        format!("{i} + 1 = <<{i}+1={}>>{}\n#### {}", i + 1, i + 1, i + 1)
-                    }
-                    .as_str())
+                    ByteArray::from(
+                        if col == 0 {
+                            format!("{tag} question {i}?")
+                        } else {
+                            format!("{i} + 1 = <<{i}+1={}>>{}\n#### {}", i + 1, i + 1, i + 1)
+                        }
+                        .as_str(),
+                    )
                 })
                 .collect();
             c.typed::<ByteArrayType>()
@@ -255,7 +282,10 @@ fn gsm8k_hub(train: Serve) -> Hub {
         Revision {
             sha: SHA.into(),
             files: vec![
-                (".gitattributes".into(), f(b"*.parquet lfs".to_vec(), Serve::Direct)),
+                (
+                    ".gitattributes".into(),
+                    f(b"*.parquet lfs".to_vec(), Serve::Direct),
+                ),
                 (
                     "main/train-00000-of-00001.parquet".into(),
                     f(parquet_rows("train", 3), train),
@@ -313,7 +343,11 @@ fn assert_fails(r: &Run, dataset: &str, what: &str) {
     assert!(!r.ok, "expected a failure, got {}", r.stdout);
     assert_eq!(r.stderr.lines().count(), 1, "not one line: {}", r.stderr);
     assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
-    assert!(r.stderr.contains(dataset), "does not name {dataset}: {}", r.stderr);
+    assert!(
+        r.stderr.contains(dataset),
+        "does not name {dataset}: {}",
+        r.stderr
+    );
     assert!(r.stderr.contains(what), "no `{what}` in: {}", r.stderr);
 }
 
@@ -342,9 +376,9 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn assert_nothing_cached(home: &Path) {
     let files = files_under(home);
     assert!(
-        files.iter().all(|f| !f.contains("/blobs/")
-            && !f.contains("/snapshots/")
-            && !f.contains("/refs/")),
+        files
+            .iter()
+            .all(|f| !f.contains("/blobs/") && !f.contains("/snapshots/") && !f.contains("/refs/")),
         "left in the cache: {files:?}"
     );
 }
@@ -361,14 +395,22 @@ fn dead_endpoint() -> String {
 fn download_then_cache_hit_without_server_and_offline() {
     let server = start(gsm8k_hub(Serve::Redirect));
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_eq!(rows_of(&r), 3);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!(v["source"], "hf://openai/gsm8k/main/train");
     assert_eq!(v["columns"], serde_json::json!(["answer", "question"]));
     // The hub's cache layout: blob by etag, snapshot link, ref to the commit.
     let repo = home.path().join("hub/datasets--openai--gsm8k");
-    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), SHA);
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        SHA
+    );
     let link = repo.join(format!("snapshots/{SHA}/main/train-00000-of-00001.parquet"));
     assert!(link.is_file(), "{} missing", link.display());
     let files = files_under(&repo);
@@ -379,17 +421,29 @@ fn download_then_cache_hit_without_server_and_offline() {
     );
     assert!(files.iter().all(|f| !f.contains("incomplete")), "{files:?}");
     // Only the train shard was fetched (not test, not socratic).
-    assert!(!repo.join(format!("snapshots/{SHA}/main/test-00000-of-00001.parquet")).exists());
+    assert!(!repo
+        .join(format!("snapshots/{SHA}/main/test-00000-of-00001.parquet"))
+        .exists());
 
     let before = server.requests.load(Ordering::SeqCst);
-    let again = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
+    let again = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_eq!(rows_of(&again), 3);
     assert_eq!(
         server.requests.load(Ordering::SeqCst),
         before,
         "a cached split must not touch the network"
     );
-    let down = memgen_data(home.path(), &dead_endpoint(), "hf://openai/gsm8k/main/train", &[]);
+    let down = memgen_data(
+        home.path(),
+        &dead_endpoint(),
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_eq!(rows_of(&down), 3);
     let offline = memgen_data(
         home.path(),
@@ -425,7 +479,12 @@ fn offline_without_cache_is_one_line() {
     assert_fails(&r, "hf://openai/gsm8k/main/train", "not in the hub cache");
     assert_nothing_cached(home.path());
     // Not offline, but nothing listens: a one-line connection error.
-    let r = memgen_data(home.path(), &dead_endpoint(), "hf://openai/gsm8k/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &dead_endpoint(),
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_fails(&r, "hf://openai/gsm8k/main/train", "info");
     assert_nothing_cached(home.path());
 }
@@ -436,13 +495,41 @@ fn unknown_dataset_config_split_and_gated() {
     hub.gated.push("Idavidrein/gpqa".into());
     let server = start(hub);
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://nobody/nothing/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://nobody/nothing/main/train",
+        &[],
+    );
     assert_fails(&r, "hf://nobody/nothing/main/train", "no such dataset");
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/validation", &[]);
-    assert_fails(&r, "hf://openai/gsm8k/main/validation", "available: main/test, main/train, socratic/train");
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/nope/train", &[]);
-    assert_fails(&r, "hf://openai/gsm8k/nope/train", "config `nope` split `train`");
-    let r = memgen_data(home.path(), &server.url, "hf://Idavidrein/gpqa/gpqa_diamond/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/validation",
+        &[],
+    );
+    assert_fails(
+        &r,
+        "hf://openai/gsm8k/main/validation",
+        "available: main/test, main/train, socratic/train",
+    );
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/nope/train",
+        &[],
+    );
+    assert_fails(
+        &r,
+        "hf://openai/gsm8k/nope/train",
+        "config `nope` split `train`",
+    );
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://Idavidrein/gpqa/gpqa_diamond/train",
+        &[],
+    );
     assert_fails(&r, "hf://Idavidrein/gpqa/gpqa_diamond/train", "HF_TOKEN");
     let r = memgen_data(home.path(), &server.url, "hf://gsm8k", &[]);
     assert_fails(&r, "hf://gsm8k", "hf://OWNER/NAME");
@@ -482,7 +569,12 @@ fn parquet_conversion_branch() {
     );
     let server = start(hub);
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://Idavidrein/gpqa/gpqa_diamond/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://Idavidrein/gpqa/gpqa_diamond/train",
+        &[],
+    );
     assert_eq!(rows_of(&r), 5);
     let repo = home.path().join("hub/datasets--Idavidrein--gpqa");
     assert_eq!(
@@ -502,7 +594,12 @@ fn parquet_conversion_branch() {
 fn truncated_download_leaves_nothing() {
     let server = start(gsm8k_hub(Serve::Truncated));
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_fails(&r, "hf://openai/gsm8k/main/train", "nothing was cached");
     assert_nothing_cached(home.path());
 }
@@ -517,7 +614,12 @@ fn corrupt_parquet_leaves_nothing() {
     rev.files[1].1.body = b"PAR1 this is not a parquet file at all PAR1".to_vec();
     let server = start(hub);
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_fails(&r, "hf://openai/gsm8k/main/train", "not valid parquet");
     assert_nothing_cached(home.path());
 }
@@ -526,15 +628,29 @@ fn corrupt_parquet_leaves_nothing() {
 fn stalled_server_times_out() {
     let server = start(gsm8k_hub(Serve::StallBody));
     let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
-    assert_fails(&r, "hf://openai/gsm8k/main/train", "MEMGEN_HUB_TIMEOUT_SECS");
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
+    assert_fails(
+        &r,
+        "hf://openai/gsm8k/main/train",
+        "MEMGEN_HUB_TIMEOUT_SECS",
+    );
     assert!(r.secs < 20.0, "took {:.1} s", r.secs);
     assert_nothing_cached(home.path());
 
     let mut hub = gsm8k_hub(Serve::Direct);
     hub.stall_info = true;
     let server = start(hub);
-    let r = memgen_data(home.path(), &server.url, "hf://openai/gsm8k/main/train", &[]);
+    let r = memgen_data(
+        home.path(),
+        &server.url,
+        "hf://openai/gsm8k/main/train",
+        &[],
+    );
     assert_fails(&r, "hf://openai/gsm8k/main/train", "info");
     assert!(r.secs < 20.0, "took {:.1} s", r.secs);
     assert_nothing_cached(home.path());
@@ -544,9 +660,22 @@ fn stalled_server_times_out() {
 #[test]
 fn shard_directory() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("train-00000-of-00002.parquet"), parquet_rows("a", 2)).unwrap();
-    std::fs::write(dir.path().join("train-00001-of-00002.parquet"), parquet_rows("b", 3)).unwrap();
-    let r = memgen_data(dir.path(), &dead_endpoint(), dir.path().to_str().unwrap(), &[]);
+    std::fs::write(
+        dir.path().join("train-00000-of-00002.parquet"),
+        parquet_rows("a", 2),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("train-00001-of-00002.parquet"),
+        parquet_rows("b", 3),
+    )
+    .unwrap();
+    let r = memgen_data(
+        dir.path(),
+        &dead_endpoint(),
+        dir.path().to_str().unwrap(),
+        &[],
+    );
     assert_eq!(rows_of(&r), 5);
 }
 
@@ -555,7 +684,11 @@ fn shard_directory() {
 fn shipped_configs_name_hub_datasets() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let expect = [
-        ("gsm8k", "hf://openai/gsm8k/main/train", "hf://openai/gsm8k/main/test"),
+        (
+            "gsm8k",
+            "hf://openai/gsm8k/main/train",
+            "hf://openai/gsm8k/main/test",
+        ),
         (
             "gpqa",
             "hf://Idavidrein/gpqa/gpqa_diamond/train",
@@ -580,7 +713,10 @@ fn shipped_configs_name_hub_datasets() {
             .unwrap()
             .task;
         let show = |p: &Option<std::path::PathBuf>| p.as_ref().unwrap().display().to_string();
-        assert_eq!((show(&task.train_path), show(&task.test_path)), (train.into(), test.into()));
+        assert_eq!(
+            (show(&task.train_path), show(&task.test_path)),
+            (train.into(), test.into())
+        );
         for s in [train, test] {
             memgen::tasks::hub::HubSource::parse(s, "train").unwrap();
         }

@@ -31,7 +31,10 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
     for f in &files {
         rows.extend(data::read_source(f, &args.split)?);
     }
-    let mut columns: Vec<&String> = rows.first().map(|r| r.value.keys().collect()).unwrap_or_default();
+    let mut columns: Vec<&String> = rows
+        .first()
+        .map(|r| r.value.keys().collect())
+        .unwrap_or_default();
     columns.sort();
     let out = serde_json::json!({
         "source": source,

@@ -20,7 +20,14 @@ pub struct RawRow {
 
 /// File extensions a data directory's shards may have.
 const DATA_EXTENSIONS: &[&str] = &[
-    ".parquet", ".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".tsv", ".txt",
+    ".parquet",
+    ".jsonl",
+    ".jsonl.gz",
+    ".ndjson",
+    ".json",
+    ".json.gz",
+    ".tsv",
+    ".txt",
 ];
 
 /// Read every row of a dataset source: a hub dataset `hf://OWNER/NAME[/CONFIG[/SPLIT]]` (its split

@@ -89,7 +89,13 @@ pub fn grade_file(
     })?;
     let stem = input
         .file_name()
-        .map(|n| n.to_string_lossy().split('.').next().unwrap_or("row").to_string())
+        .map(|n| {
+            n.to_string_lossy()
+                .split('.')
+                .next()
+                .unwrap_or("row")
+                .to_string()
+        })
         .unwrap_or_else(|| "row".into());
     let mut rows: Vec<(String, Map<String, Value>, Value)> = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -35,7 +35,9 @@ pub enum HubError {
     #[error("{0}: a hub dataset is written hf://OWNER/NAME[/CONFIG[/SPLIT]]")]
     BadSource(String),
     /// `HF_HUB_OFFLINE` is set and the split is not in the cache.
-    #[error("{dataset}: not in the hub cache ({cache}) and HF_HUB_OFFLINE is set; fetch it once online")]
+    #[error(
+        "{dataset}: not in the hub cache ({cache}) and HF_HUB_OFFLINE is set; fetch it once online"
+    )]
     Offline { dataset: String, cache: String },
     /// The hub does not know the dataset (404).
     #[error("{dataset}: no such dataset on {endpoint}")]
@@ -99,8 +101,7 @@ impl HubSource {
             !p.is_empty()
                 && p != "."
                 && p != ".."
-                && p
-                    .chars()
+                && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         if !(2..=4).contains(&parts.len()) || !parts.iter().all(|p| ok(p)) {
@@ -122,7 +123,12 @@ impl HubSource {
 /// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -344,9 +350,7 @@ impl<'a> Fetcher<'a> {
                 dataset: self.src.name(),
                 status: s,
             },
-            ureq::Error::Status(s, r) => {
-                self.net(format!("{what}: HTTP {s} from {}", r.get_url()))
-            }
+            ureq::Error::Status(s, r) => self.net(format!("{what}: HTTP {s} from {}", r.get_url())),
             ureq::Error::Transport(t) => {
                 let timed_out = std::error::Error::source(&t)
                     .and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -518,7 +522,8 @@ impl<'a> Fetcher<'a> {
                     )));
                 }
             };
-            tmp.write_all(&buf[..n]).map_err(|e| self.io(tmp.path(), e))?;
+            tmp.write_all(&buf[..n])
+                .map_err(|e| self.io(tmp.path(), e))?;
             got += n as u64;
             bar.inc(n as u64);
         }
@@ -530,7 +535,9 @@ impl<'a> Fetcher<'a> {
                 )));
             }
         }
-        tmp.as_file().sync_all().map_err(|e| self.io(tmp.path(), e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| self.io(tmp.path(), e))?;
         check_parquet(tmp.path()).map_err(|message| HubError::Corrupt {
             dataset: self.src.name(),
             file: file.to_string(),
@@ -610,14 +617,29 @@ mod tests {
     #[test]
     fn parse_sources() {
         let s = HubSource::parse("hf://openai/gsm8k/main/train", "test").unwrap();
-        assert_eq!((s.repo.as_str(), s.config.as_str()), ("openai/gsm8k", "main"));
+        assert_eq!(
+            (s.repo.as_str(), s.config.as_str()),
+            ("openai/gsm8k", "main")
+        );
         assert_eq!(s.split, "train");
         let s = HubSource::parse("hf://KodCode/KodCode-Light-RL-10K", "test").unwrap();
         assert_eq!((s.config.as_str(), s.split.as_str()), ("default", "test"));
-        let s = HubSource::parse("hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext", "validation")
-            .unwrap();
-        assert_eq!(s.name(), "hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext/validation");
-        for bad in ["hf://gsm8k", "hf://a/b/c/d/e", "hf://a//b", "hf://a/../b", "openai/gsm8k"] {
+        let s = HubSource::parse(
+            "hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext",
+            "validation",
+        )
+        .unwrap();
+        assert_eq!(
+            s.name(),
+            "hf://mandarjoshi/trivia_qa/rc.wikipedia.nocontext/validation"
+        );
+        for bad in [
+            "hf://gsm8k",
+            "hf://a/b/c/d/e",
+            "hf://a//b",
+            "hf://a/../b",
+            "openai/gsm8k",
+        ] {
             let e = HubSource::parse(bad, "train").unwrap_err().to_string();
             assert!(e.starts_with(bad) && e.contains("hf://OWNER/NAME"), "{e}");
         }
@@ -665,6 +687,9 @@ mod tests {
         assert!(select_files(&files, "main", "validation").is_empty());
         let a = available(&files);
         assert!(a.contains(&"main/test".to_string()) && a.contains(&"default/train".to_string()));
-        assert_eq!(origin("http://127.0.0.1:9/datasets/a/b"), "http://127.0.0.1:9");
+        assert_eq!(
+            origin("http://127.0.0.1:9/datasets/a/b"),
+            "http://127.0.0.1:9"
+        );
     }
 }
