@@ -590,18 +590,21 @@ fn parquet_conversion_branch() {
     assert_eq!(rows_of(&r), 5);
 }
 
+/// Fetch `hf://openai/gsm8k/main/train` from `hub` into a fresh cache; it must fail with one line
+/// containing `what`, and leave nothing in the cache.
+fn fails_cleanly(hub: Hub, what: &str) -> Run {
+    let server = start(hub);
+    let home = tempfile::tempdir().unwrap();
+    let source = "hf://openai/gsm8k/main/train";
+    let r = memgen_data(home.path(), &server.url, source, &[]);
+    assert_fails(&r, source, what);
+    assert_nothing_cached(home.path());
+    r
+}
+
 #[test]
 fn truncated_download_leaves_nothing() {
-    let server = start(gsm8k_hub(Serve::Truncated));
-    let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(
-        home.path(),
-        &server.url,
-        "hf://openai/gsm8k/main/train",
-        &[],
-    );
-    assert_fails(&r, "hf://openai/gsm8k/main/train", "nothing was cached");
-    assert_nothing_cached(home.path());
+    fails_cleanly(gsm8k_hub(Serve::Truncated), "nothing was cached");
 }
 
 #[test]
@@ -612,48 +615,18 @@ fn corrupt_parquet_leaves_nothing() {
         .get_mut(&("openai/gsm8k".to_string(), "main".to_string()))
         .unwrap();
     rev.files[1].1.body = b"PAR1 this is not a parquet file at all PAR1".to_vec();
-    let server = start(hub);
-    let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(
-        home.path(),
-        &server.url,
-        "hf://openai/gsm8k/main/train",
-        &[],
-    );
-    assert_fails(&r, "hf://openai/gsm8k/main/train", "not valid parquet");
-    assert_nothing_cached(home.path());
+    fails_cleanly(hub, "not valid parquet");
 }
 
 #[test]
 fn stalled_server_times_out() {
-    let server = start(gsm8k_hub(Serve::StallBody));
-    let home = tempfile::tempdir().unwrap();
-    let r = memgen_data(
-        home.path(),
-        &server.url,
-        "hf://openai/gsm8k/main/train",
-        &[],
-    );
-    assert_fails(
-        &r,
-        "hf://openai/gsm8k/main/train",
-        "MEMGEN_HUB_TIMEOUT_SECS",
-    );
+    // Headers and half the body, then silence; then a server that never answers the info call.
+    let r = fails_cleanly(gsm8k_hub(Serve::StallBody), "MEMGEN_HUB_TIMEOUT_SECS");
     assert!(r.secs < 20.0, "took {:.1} s", r.secs);
-    assert_nothing_cached(home.path());
-
     let mut hub = gsm8k_hub(Serve::Direct);
     hub.stall_info = true;
-    let server = start(hub);
-    let r = memgen_data(
-        home.path(),
-        &server.url,
-        "hf://openai/gsm8k/main/train",
-        &[],
-    );
-    assert_fails(&r, "hf://openai/gsm8k/main/train", "info");
+    let r = fails_cleanly(hub, "MEMGEN_HUB_TIMEOUT_SECS");
     assert!(r.secs < 20.0, "took {:.1} s", r.secs);
-    assert_nothing_cached(home.path());
 }
 
 /// Local directories of shards load like one file.
