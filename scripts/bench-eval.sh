@@ -18,6 +18,9 @@ small=$(( BENCH_ROWS < 164 ? BENCH_ROWS : 164 ))
 cargo build --release -q
 bin="${CARGO_TARGET_DIR:-target}/release/memgen"
 mkdir -p "$OUT"
+# An offline benchmark: the configs name hub datasets, so pass the local copies and never fetch.
+export HF_HUB_OFFLINE=1
+data="$root/../shared/data"
 
 # A config for the procedurally generated arith task (everything else at the defaults).
 cat > "$OUT/arith.yaml" <<YAML
@@ -36,16 +39,20 @@ echo "# load before: $(uptime)"
 table=()
 for part in $PARTS; do
   case "$part" in
-    smol-gsm8k)     model=default; cfg=configs/latent_memory/gsm8k.yaml;   rows=$BENCH_ROWS ;;
-    qwen-gsm8k)     model=qwen;    cfg=configs/latent_memory/gsm8k.yaml;   rows=$BENCH_ROWS ;;
-    qwen-humaneval) model=qwen;    cfg=configs/latent_memory/kodcode.yaml; rows=$small ;;
-    smol-arith)     model=default; cfg="$OUT/arith.yaml";                  rows=$small ;;
+    smol-gsm8k)     model=default; cfg=configs/latent_memory/gsm8k.yaml;   rows=$BENCH_ROWS
+                    local_data=(datasets.gsm8k.test_path "$data/gsm8k/test.jsonl") ;;
+    qwen-gsm8k)     model=qwen;    cfg=configs/latent_memory/gsm8k.yaml;   rows=$BENCH_ROWS
+                    local_data=(datasets.gsm8k.test_path "$data/gsm8k/test.jsonl") ;;
+    qwen-humaneval) model=qwen;    cfg=configs/latent_memory/kodcode.yaml; rows=$small
+                    local_data=(datasets.kodcode.test_path "$data/humaneval/HumanEval.jsonl.gz") ;;
+    smol-arith)     model=default; cfg="$OUT/arith.yaml";                  rows=$small
+                    local_data=() ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   dir="$OUT/$part"
   [ "${BENCH_RESUME:-0}" = 1 ] || rm -rf "$dir"
   line=$("$bin" eval --config "$cfg" --vanilla --output-dir "$dir" --max-samples "$rows" \
-    --batch-size "$BATCH" --options model.reasoner_model_name "$model" \
+    --batch-size "$BATCH" --options model.reasoner_model_name "$model" ${local_data[@]+"${local_data[@]}"} \
     run.generation.max_new_tokens "$MAX_NEW" run.generation.temperature 0 | tail -1)
   table+=("$(printf '%-16s %5s %9s %9s %9s %9s' "$part" "$(echo "$line" | field n)" \
     "$(printf '%.3f' "$(echo "$line" | field accuracy)")" \

@@ -2,7 +2,9 @@
 # The README's main job: fetch the embedded default model (SmolLM2-135M-Instruct), train a weaver by
 # SFT on the built-in offline `arith` task (configs/quickstart.yaml), then evaluate the vanilla
 # reasoner and the reasoner + weaver on held-out problems and print both accuracies.
-# Env: OUT (default runs/quickstart), EVAL_ROWS (default 64), THREADS.
+# Env: OUT (default runs/quickstart), EVAL_ROWS (default 64), THREADS, SFT_STEPS (default: the
+# config's 36; a small value is a smoke run). Needs nothing outside the repository but the model
+# download (or MEMGEN_MODELS_DIR holding it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,11 +15,14 @@ if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); fi
 
 scripts/fetch-model.sh
 cargo build --release --quiet
-memgen=target/release/memgen
+memgen="${CARGO_TARGET_DIR:-target}/release/memgen"   # where cargo just built it
 start=$(date +%s)
 
 echo "== 1/3 weaver SFT on arith (configs/quickstart.yaml) -> $OUT/weaver"
-"$memgen" "${threads[@]}" weaver-train --config configs/quickstart.yaml --output-dir "$OUT"
+steps=()
+if [ -n "${SFT_STEPS:-}" ]; then steps=(--options run.weaver.sft.max_steps "$SFT_STEPS"); fi
+"$memgen" "${threads[@]}" weaver-train --config configs/quickstart.yaml --output-dir "$OUT" \
+  ${steps[@]+"${steps[@]}"}
 
 echo "== 2/3 evaluate the vanilla reasoner on $EVAL_ROWS held-out problems"
 "$memgen" "${threads[@]}" eval --config configs/quickstart.yaml --vanilla \

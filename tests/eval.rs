@@ -25,8 +25,17 @@ fn memgen(args: &[&str]) -> Output {
         .args(args)
         .current_dir(common::root())
         .env("MEMGEN_MODELS_DIR", models_dir())
+        // The shipped configs name hub datasets; tests pass local files and must never fetch.
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("running memgen")
+}
+
+/// A file of the shared test data (fails, naming it, when the data is missing).
+fn shared_data(rel: &str) -> String {
+    let p = common::shared().join("data").join(rel);
+    assert!(p.is_file(), "missing test data {}", p.display());
+    p.to_str().unwrap().to_string()
 }
 
 fn ok(out: &Output) -> String {
@@ -50,6 +59,7 @@ fn metrics(dir: &Path) -> Value {
 
 fn gsm8k(out: &Path, n: usize, extra: &[&str]) -> Output {
     let n = n.to_string();
+    let test = shared_data("gsm8k/test.jsonl");
     let mut args = vec![
         "eval",
         "--config",
@@ -61,6 +71,8 @@ fn gsm8k(out: &Path, n: usize, extra: &[&str]) -> Output {
         "--batch-size",
         "3",
         "--options",
+        "datasets.gsm8k.test_path",
+        &test,
         "run.generation.max_new_tokens",
         "24",
     ];
@@ -132,6 +144,7 @@ fn search_task_against_the_builtin_retriever() {
     .unwrap();
     let url = server.url();
     let tmp = tempfile::tempdir().unwrap();
+    let test = shared_data("triviaqa/topics.dpr.trivia.test.txt");
     let out = memgen(&[
         "eval",
         "--config",
@@ -142,6 +155,8 @@ fn search_task_against_the_builtin_retriever() {
         "--max-samples",
         "2",
         "--options",
+        "datasets.triviaqa.test_path",
+        &test,
         "run.generation.max_new_tokens",
         "16",
         "run.generation.max_turns",
@@ -226,6 +241,7 @@ fn one_line_error(out: &Output, needle: &str) {
 
 #[test]
 fn bad_inputs() {
+    let test = shared_data("gsm8k/test.jsonl");
     one_line_error(
         &memgen(&["eval", "--config", "no/such.yaml", "--vanilla"]),
         "no/such.yaml",
@@ -235,6 +251,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--vanilla",
             "--load-model-path",
             "x",
@@ -246,6 +265,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--max-samples",
             "1",
         ]),
@@ -256,6 +278,9 @@ fn bad_inputs() {
             "eval",
             "--config",
             "configs/latent_memory/gsm8k.yaml",
+            "--options",
+            "datasets.gsm8k.test_path",
+            &test,
             "--load-model-path",
             "/no/such/ckpt",
         ]),

@@ -538,13 +538,18 @@ fn weaver_train_on_search_with_the_server_down_is_a_one_line_error() {
         .arg(common::root().join("configs/latent_memory/triviaqa.yaml"))
         .arg("--output-dir")
         .arg(tmp.path())
+        .args(["--options", "datasets.triviaqa.train_path"])
+        .arg(common::shared().join("data/triviaqa/topics.dpr.trivia.dev.txt"))
+        .args(["datasets.triviaqa.test_path"])
+        .arg(common::shared().join("data/triviaqa/topics.dpr.trivia.test.txt"))
         .args([
-            "--options",
             "retrieval.url",
             "http://127.0.0.1:1/retrieve",
             "retrieval.retries",
             "0",
         ])
+        // The shipped config names hub datasets; a test passes local files and never fetches.
+        .env("HF_HUB_OFFLINE", "1")
         .current_dir(common::root())
         .output()
         .unwrap();

@@ -1,6 +1,7 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
 mod backbone_cmds;
+pub mod data_cmd;
 pub mod eval_cmd;
 pub mod memory_args;
 pub mod train_cmd;
@@ -31,7 +32,11 @@ pub enum Command {
     Score(backbone_cmds::ScoreArgs),
     /// Retrieval for the search tasks: a Search-R1 compatible BM25 server and client.
     Retriever(crate::retrieval::cli::RetrieverArgs),
-    /// Grade existing completions (an answers.jsonl) with a task's grader; print summary metrics.
+    /// Fetch or read a dataset source (a file, a directory, or hf://OWNER/NAME/CONFIG/SPLIT into
+    /// the hub cache) and print its row count and columns.
+    Data(data_cmd::DataArgs),
+    /// Grade existing completions (an answers.jsonl, or raw dataset rows plus `completion`) with a
+    /// task's grader; print summary metrics.
     Grade(crate::tasks::grade::GradeArgs),
     /// Evaluate on a task's test split (with a trained weaver, or --vanilla): answers.jsonl + metrics.json.
     Eval(eval_cmd::EvalArgs),
@@ -83,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => backbone_cmds::generate(a),
         Command::Score(a) => backbone_cmds::score(a),
         Command::Retriever(args) => crate::retrieval::cli::run(args),
+        Command::Data(args) => data_cmd::run(&args),
         Command::Grade(args) => crate::tasks::grade::run_grade(&args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::WeaverTrain(a) => train_cmd::run(a, train_cmd::Which::Weaver),

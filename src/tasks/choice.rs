@@ -172,6 +172,9 @@ impl Task for MultipleChoice {
     fn grade(&self, completion: &str, gold: &Value) -> Graded {
         grade_boxed_gold(completion, gold)
     }
+    fn gold_from_row(&self, row: &RawRow) -> std::result::Result<Value, String> {
+        self.build(row).map(|s| s.gold)
+    }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         boxed_gold(gold).map(|_| ())
     }

@@ -400,6 +400,9 @@ impl Task for Code {
     fn grade(&self, completion: &str, gold: &Value) -> Graded {
         grade_code(&self.sandbox, completion, gold)
     }
+    fn gold_from_row(&self, row: &RawRow) -> std::result::Result<Value, String> {
+        self.build(row).map(|s| s.gold)
+    }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         gold_str(gold, "entry_point")?;
         gold_str(gold, "test")?;

@@ -13,13 +13,16 @@ use super::{Result, TaskError};
 pub struct TaskConfig {
     /// Task name: `gsm8k`, `arith`, `gpqa`/`aqua`/`mcq`, `kodcode`/`humaneval`, `triviaqa`/`nq`.
     pub name: String,
-    /// Training data (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`, or a TSV for open QA).
+    /// Training data: a local file (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`, or a TSV for open
+    /// QA), a directory of such shards, or a hub dataset `hf://OWNER/NAME[/CONFIG[/SPLIT]]`
+    /// (config `default` and split `train` when left out; see `tasks::hub`).
     #[serde(default)]
     pub train_path: Option<PathBuf>,
-    /// Validation data; when absent, validation is `val_ratio` of train (seeded).
+    /// Validation data (same forms; a hub split defaults to `validation`); when absent,
+    /// validation is `val_ratio` of train (seeded).
     #[serde(default)]
     pub valid_path: Option<PathBuf>,
-    /// Test data (the evaluation set).
+    /// Test data, the evaluation set (same forms; a hub split defaults to `test`).
     #[serde(default)]
     pub test_path: Option<PathBuf>,
     /// Column names, by logical field (`question`, `answer`, `options`, …) where the data's differ

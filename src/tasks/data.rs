@@ -1,5 +1,6 @@
-//! Local dataset files: JSON lines (optionally gzipped), JSON arrays, HF parquet exports and the
-//! open-QA TSVs; row locations for error messages; seeded train/valid splits.
+//! Dataset sources: local files (JSON lines, optionally gzipped; JSON arrays; HF parquet exports;
+//! the open-QA TSVs), local directories of such shards, and hub datasets `hf://OWNER/NAME/CONFIG/SPLIT`
+//! ([`super::hub`]); row locations for error messages; seeded train/valid splits.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -17,15 +18,73 @@ pub struct RawRow {
     pub value: Map<String, Value>,
 }
 
+/// File extensions a data directory's shards may have.
+const DATA_EXTENSIONS: &[&str] = &[
+    ".parquet",
+    ".jsonl",
+    ".jsonl.gz",
+    ".ndjson",
+    ".json",
+    ".json.gz",
+    ".tsv",
+    ".txt",
+];
+
+/// Read every row of a dataset source: a hub dataset `hf://OWNER/NAME[/CONFIG[/SPLIT]]` (its split
+/// defaults to `default_split`), a directory (every data file in it, by name), or one local file.
+pub fn read_source(source: &Path, default_split: &str) -> Result<Vec<RawRow>> {
+    if let Some(s) = source.to_str().filter(|s| super::hub::HubSource::is_hub(s)) {
+        let hub = super::hub::HubSource::parse(s, default_split)?;
+        let mut rows = Vec::new();
+        for file in super::hub::fetch(&hub)? {
+            rows.extend(read_rows(&file)?);
+        }
+        return Ok(rows);
+    }
+    if source.is_dir() {
+        let shown = source.display();
+        let entries = std::fs::read_dir(source).map_err(|e| TaskError::Io {
+            path: shown.to_string(),
+            source: e,
+        })?;
+        let mut files: Vec<std::path::PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                p.is_file()
+                    && !name.starts_with('.')
+                    && DATA_EXTENSIONS.iter().any(|x| name.ends_with(x))
+            })
+            .collect();
+        if files.is_empty() {
+            return Err(TaskError::Config(format!(
+                "{shown}: directory has no data files ({})",
+                DATA_EXTENSIONS.join(", ")
+            )));
+        }
+        files.sort();
+        let mut rows = Vec::new();
+        for file in files {
+            rows.extend(read_rows(&file)?);
+        }
+        return Ok(rows);
+    }
+    read_rows(source)
+}
+
 /// Read every row of a local data file. The format follows the extension (`.jsonl`, `.json`,
 /// `.parquet`, `.tsv`/`.txt`; `.gz` for the text formats). A `.json` file that is not one JSON
-/// document is read as JSON lines (AQuA ships that way). Hub ids are refused with a clear message.
+/// document is read as JSON lines (AQuA ships that way).
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
     let shown = path.display().to_string();
     if !path.exists() {
         if looks_like_hub_id(&shown) {
             return Err(TaskError::Config(format!(
-                "{shown}: hub datasets need network: download to a local file"
+                "{shown}: no such file (a hub dataset is written hf://{shown})"
             )));
         }
         return Err(TaskError::Config(format!("{shown}: no such file")));
@@ -334,20 +393,25 @@ pub fn load_split<T>(
             ))
         })
     };
+    // A hub source without an explicit split takes the one its key names.
     let mut samples = match split {
-        Split::Test => build_samples(cfg, read_rows(&need(&cfg.test_path, "test_path")?)?, build)?,
+        Split::Test => build_samples(
+            cfg,
+            read_source(&need(&cfg.test_path, "test_path")?, "test")?,
+            build,
+        )?,
         Split::Valid if cfg.valid_path.is_some() => build_samples(
             cfg,
-            read_rows(&need(&cfg.valid_path, "valid_path")?)?,
+            read_source(&need(&cfg.valid_path, "valid_path")?, "validation")?,
             build,
         )?,
         Split::Train if cfg.valid_path.is_some() => build_samples(
             cfg,
-            read_rows(&need(&cfg.train_path, "train_path")?)?,
+            read_source(&need(&cfg.train_path, "train_path")?, "train")?,
             build,
         )?,
         Split::Train | Split::Valid => {
-            let rows = read_rows(&need(&cfg.train_path, "train_path")?)?;
+            let rows = read_source(&need(&cfg.train_path, "train_path")?, "train")?;
             let all = build_samples(cfg, rows, build)?;
             let (train, valid) = split_train_valid(all, cfg.val_ratio, cfg.seed);
             if split == Split::Train {
@@ -406,7 +470,23 @@ mod tests {
         let e = read_rows(Path::new("openai/gsm8k"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("hub datasets need network"), "{e}");
+        assert!(e.contains("hf://openai/gsm8k"), "{e}");
+        let e = read_source(Path::new("hf://gsm8k"), "train")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hf://OWNER/NAME"), "{e}");
+        let d = dir.path().join("shards");
+        std::fs::create_dir(&d).unwrap();
+        assert!(read_source(&d, "train")
+            .unwrap_err()
+            .to_string()
+            .contains("no data files"));
+        std::fs::write(d.join("b.jsonl"), "{\"q\": 2}\n").unwrap();
+        std::fs::write(d.join("a.jsonl"), "{\"q\": 1}\n").unwrap();
+        std::fs::write(d.join("notes.md"), "not data").unwrap();
+        let rows = read_source(&d, "train").unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].value["q"], 1);
         let p = dir.path().join("c.csv");
         std::fs::write(&p, "a,b\n").unwrap();
         assert!(read_rows(&p)

@@ -3,9 +3,12 @@
 //!
 //! One JSON object per line:
 //! `{"id", "prompt", "completion", "gold": {…task gold fields…}, "extracted", "reward", "metrics": {…}}`.
-//! Only `completion` and the gold are needed to grade; when a row has no `gold` object, its other
-//! top-level fields are taken as the gold (so `{"completion": "…", "answer": "18"}` works). Any other
-//! fields are kept as they are.
+//! Only `completion` and the gold are needed to grade. A row without a `gold` object is either a raw
+//! dataset row plus `completion` (a GSM8K `{question, answer: "…#### 18"}`, a KodCode
+//! `{question, test, test_info, …}`, an AQuA/GPQA row with its `id` when options are shuffled, …),
+//! whose gold is derived exactly as the dataset loader derives it; or, when the task cannot build a
+//! sample from it, its other top-level fields are taken as the gold itself (so
+//! `{"completion": "…", "answer": "18"}` works). Any other fields are kept as they are.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::data::RawRow;
 use super::{Graded, Sample, Task, TaskConfig, TaskError};
 
 /// One row of `answers.jsonl`.
@@ -83,6 +87,16 @@ pub fn grade_file(
         path: shown.clone(),
         source,
     })?;
+    let stem = input
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .split('.')
+                .next()
+                .unwrap_or("row")
+                .to_string()
+        })
+        .unwrap_or_else(|| "row".into());
     let mut rows: Vec<(String, Map<String, Value>, Value)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -105,18 +119,36 @@ pub fn grade_file(
             Some(g @ Value::Object(_)) => g.clone(),
             Some(_) => return Err(bad("`gold` should be an object".into()).into()),
             None => {
-                let mut g = obj.clone();
-                for k in [
-                    "id",
-                    "prompt",
-                    "completion",
-                    "extracted",
-                    "reward",
-                    "metrics",
-                ] {
-                    g.remove(k);
+                // `prompt` stays: it is HumanEval's question column.
+                let mut fields = obj.clone();
+                for k in ["completion", "extracted", "reward", "metrics"] {
+                    fields.remove(k);
                 }
-                Value::Object(g)
+                // Rows the loader would read: the same id (it seeds option shuffles) and columns.
+                let default_id = match fields.get("id") {
+                    Some(Value::String(id)) => id.clone(),
+                    _ => format!("{stem}:{}", i + 1),
+                };
+                let raw = RawRow {
+                    location: location.clone(),
+                    default_id,
+                    value: fields.clone(),
+                };
+                match task.gold_from_row(&raw) {
+                    Ok(gold) => gold,
+                    Err(raw_error) => {
+                        fields.remove("id");
+                        fields.remove("prompt");
+                        let gold = Value::Object(fields);
+                        task.check_gold(&gold).map_err(|e| {
+                            bad(format!(
+                                "neither gold fields ({e}) nor a raw {} row ({raw_error})",
+                                task.name()
+                            ))
+                        })?;
+                        gold
+                    }
+                }
             }
         };
         task.check_gold(&gold).map_err(|e| bad(e.to_string()))?;
@@ -157,7 +189,8 @@ pub struct GradeArgs {
     /// Task whose grader to use (gsm8k, arith, gpqa, aqua, mcq, kodcode, humaneval, triviaqa, nq).
     #[arg(long)]
     pub task: String,
-    /// JSON lines with `completion` and the task's gold fields (an `answers.jsonl`).
+    /// JSON lines with `completion` and either `gold` (an `answers.jsonl`), the task's raw dataset
+    /// columns (a GSM8K, KodCode, AQuA/GPQA or TriviaQA row), or the gold fields themselves.
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write the graded rows (default: rewrite the input in place, atomically).

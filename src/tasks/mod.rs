@@ -18,6 +18,7 @@ pub mod episode;
 pub mod eval;
 pub mod grade;
 pub mod gsm8k;
+pub mod hub;
 pub mod math;
 pub mod qa;
 pub mod sandbox;
@@ -152,6 +153,9 @@ pub enum TaskError {
     BadGold(String),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    /// A hub dataset could not be resolved or fetched (the message names the `hf://` source).
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
 }
 
 pub type Result<T, E = TaskError> = std::result::Result<T, E>;
@@ -170,6 +174,12 @@ pub trait Task: Send + Sync {
     }
     /// Check that `gold` has the fields this task grades against (for `memgen grade` input).
     fn check_gold(&self, gold: &serde_json::Value) -> Result<()>;
+    /// The gold fields the loader derives from one raw dataset row (so `memgen grade` can take the
+    /// task's own rows plus a `completion`). Tasks without dataset rows refuse.
+    fn gold_from_row(&self, row: &data::RawRow) -> Result<serde_json::Value, String> {
+        let _ = row;
+        Err(format!("task `{}` has no dataset rows", self.name()))
+    }
     /// Whether samples are multi-turn episodes driven by an environment ([`search::SearchEnv`]).
     fn multi_turn(&self) -> bool {
         false

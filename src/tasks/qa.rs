@@ -415,6 +415,9 @@ impl Task for OpenQa {
             .map(|a| search_reward(completion, &a))
             .unwrap_or(0.0)
     }
+    fn gold_from_row(&self, row: &RawRow) -> std::result::Result<Value, String> {
+        self.build(row).map(|s| s.gold)
+    }
     fn check_gold(&self, gold: &Value) -> Result<()> {
         gold_aliases(gold).map(|_| ())
     }
