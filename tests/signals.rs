@@ -15,7 +15,6 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 

@@ -135,7 +135,7 @@ impl RunConfig {
         if !r.weaver.sft.assistant_only_loss {
             out.push(Ignored {
                 key: "run.weaver.sft.assistant_only_loss".into(),
-                why: "the SFT loss is always on the answer tokens only (DESIGN.md)",
+                why: "the SFT loss is always on the answer tokens only (docs/DESIGN.md, \"The SFT loss\")",
             });
         }
         common("run.weaver.grpo", (&r.weaver.grpo).into(), &mut out);

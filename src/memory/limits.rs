@@ -4,7 +4,7 @@
 //!
 //! What is counted, per backbone:
 //! - **reasoner**: the prompt, `max_new_tokens`, and every latent a memory may insert — latents
-//!   take positions in its stream (DESIGN.md, "Weaving one memory"), so a generation may add up to
+//!   take positions in its stream (docs/DESIGN.md, "Weaving a memory"), so a generation may add up to
 //!   K_p for the prompt memory plus `max_inference_aug_num` × K_i. The count is an upper bound
 //!   (the last sampled token is never fed back, and the trigger may insert fewer memories), so a
 //!   request that passes never runs past the context.
