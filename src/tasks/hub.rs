@@ -331,6 +331,13 @@ impl<'a> Fetcher<'a> {
         }
     }
 
+    /// fsync directory `dir`, so the renames and links made in it survive a crash.
+    fn sync(&self, dir: &Path) -> Result<()> {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(dir, e))
+    }
+
     fn io(&self, path: &Path, error: std::io::Error) -> HubError {
         HubError::Io {
             dataset: self.src.name(),
@@ -432,18 +439,28 @@ impl<'a> Fetcher<'a> {
         for file in files {
             blob_names.push(self.download(&repo, file, &blobs)?);
         }
+        // The ref written last marks the split as cached: the blobs' renames and the snapshot's
+        // links must be on disk before it, or a crash could leave a ref over dangling links.
+        self.sync(&blobs)?;
         let snapshot = root.join("snapshots").join(commit);
         let mut out = Vec::with_capacity(files.len());
+        let mut link_dirs: Vec<PathBuf> = Vec::new();
         for (file, blob) in files.iter().zip(&blob_names) {
             let pointer = snapshot.join(file);
             if let Some(parent) = pointer.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| self.io(parent, e))?;
+                if !link_dirs.iter().any(|d| d == parent) {
+                    link_dirs.push(parent.to_path_buf());
+                }
             }
             if !pointer.exists() {
                 let _ = std::fs::remove_file(&pointer); // a dangling link from an older blob
                 link(&blobs.join(blob), &pointer, file).map_err(|e| self.io(&pointer, e))?;
             }
             out.push(pointer);
+        }
+        for d in &link_dirs {
+            self.sync(d)?;
         }
         self.cache
             .repo(repo)
