@@ -77,7 +77,7 @@ impl TextTokenizer {
     /// Render the model's own chat template (for `generate --chat`; tasks use MemGen's fixed ChatML).
     pub fn apply_chat_template(
         &self,
-        messages: &[crate::tasks::Message],
+        messages: &[super::chat::Message],
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
         let template = self
