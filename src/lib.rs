@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod memory;
 pub mod retrieval;
+pub mod rollout;
 pub mod signals;
 pub mod tasks;
 pub mod training;

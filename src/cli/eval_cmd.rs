@@ -11,8 +11,8 @@ use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::limits::Budget;
 use crate::memory::{MemGenModel, MemGenSpec};
-use crate::tasks::episode::EpisodeOptions;
-use crate::tasks::eval::{evaluate, EvalSettings};
+use crate::rollout::episode::EpisodeOptions;
+use crate::rollout::eval::{evaluate, EvalSettings};
 use crate::tasks::search::SearchEnv;
 use crate::tasks::{build_task, Split};
 

@@ -14,8 +14,6 @@ pub mod choice;
 pub mod code;
 pub mod config;
 pub mod data;
-pub mod episode;
-pub mod eval;
 pub mod grade;
 pub mod gsm8k;
 pub mod hub;

@@ -34,7 +34,7 @@ use crate::memory::checkpoint::Part;
 use crate::memory::generate::{MemGenerated, MemoryOptions};
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel, Point};
-use crate::tasks::episode::{run_episodes, EpisodeDecision, EpisodeOptions, EpisodeResult};
+use crate::rollout::episode::{run_episodes, EpisodeDecision, EpisodeOptions, EpisodeResult};
 use crate::tasks::search::SearchEnv;
 use crate::tasks::{render_chatml, Message, Sample, Task};
 

@@ -12,11 +12,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::episode::{run_episodes, EpisodeDecision, EpisodeOptions, EpisodeResult, Turn};
-use super::grade::{summarize, AnswerRow};
-use super::search::SearchEnv;
-use super::{render_chatml, Graded, Sample, Task};
+use crate::backbone::chat::render_chatml;
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::memory::{MemGenModel, Point};
+use crate::tasks::grade::{summarize, AnswerRow};
+use crate::tasks::search::SearchEnv;
+use crate::tasks::{Graded, Sample, Task};
 
 /// One row of `answers.jsonl`: the grade file's schema plus what the rollout did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,12 +14,13 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::search::{Action, Episode, SearchEnv, Step};
-use super::{render_chatml, Message, Sample};
+use crate::backbone::chat::{render_chatml, Message};
 use crate::backbone::generate::Sampler;
 use crate::memory::generate::MemoryOptions;
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel, Point};
+use crate::tasks::search::{Action, Episode, SearchEnv, Step};
+use crate::tasks::Sample;
 
 /// Settings of a rollout.
 #[derive(Debug, Clone, PartialEq)]
