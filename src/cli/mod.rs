@@ -3,7 +3,9 @@
 mod backbone_cmds;
 pub mod data_cmd;
 pub mod eval_cmd;
+mod grade_cmd;
 pub mod memory_args;
+mod retriever_cmd;
 pub mod train_cmd;
 
 pub use backbone_cmds::top_logits;
@@ -31,13 +33,13 @@ pub enum Command {
     /// Print token ids and the top-k logits at every position (parity checks against other stacks).
     Score(backbone_cmds::ScoreArgs),
     /// Retrieval for the search tasks: a Search-R1 compatible BM25 server and client.
-    Retriever(crate::retrieval::cli::RetrieverArgs),
+    Retriever(retriever_cmd::RetrieverArgs),
     /// Fetch or read a dataset source (a file, a directory, or hf://OWNER/NAME/CONFIG/SPLIT into
     /// the hub cache) and print its row count and columns.
     Data(data_cmd::DataArgs),
     /// Grade existing completions (an answers.jsonl, or raw dataset rows plus `completion`) with a
     /// task's grader; print summary metrics.
-    Grade(crate::tasks::grade::GradeArgs),
+    Grade(grade_cmd::GradeArgs),
     /// Evaluate on a task's test split (with a trained weaver, or --vanilla): answers.jsonl + metrics.json.
     Eval(eval_cmd::EvalArgs),
     /// Train the weaver (SFT or GRPO, per run.train_weaver_method) from a run config.
@@ -87,9 +89,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => backbone_cmds::generate(a),
         Command::Score(a) => backbone_cmds::score(a),
-        Command::Retriever(args) => crate::retrieval::cli::run(args),
+        Command::Retriever(args) => retriever_cmd::run(args),
         Command::Data(args) => data_cmd::run(&args),
-        Command::Grade(args) => crate::tasks::grade::run_grade(&args),
+        Command::Grade(args) => grade_cmd::run(&args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::WeaverTrain(a) => train_cmd::run(a, train_cmd::Which::Weaver),
         Command::TriggerTrain(a) => train_cmd::run(a, train_cmd::Which::Trigger),

@@ -8,7 +8,6 @@
 //! - [`limits`]: [`limits::ServerLimits`], every bound the server puts on a client.
 //! - [`cli`]: `memgen retriever serve|query`.
 
-pub mod cli;
 pub mod client;
 pub mod index;
 pub mod limits;
