@@ -35,8 +35,6 @@ pub enum BackboneError {
     },
     #[error("{file}: {msg}")]
     Format { file: String, msg: String },
-    #[error("{0}")]
-    Other(String),
 }
 
 impl BackboneError {

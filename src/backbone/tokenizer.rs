@@ -66,10 +66,6 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))
     }
 
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

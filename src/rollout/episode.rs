@@ -124,16 +124,6 @@ impl EpisodeResult {
             points: self.points.clone(),
         }
     }
-
-    /// The rendered prompt text (the conversation before the first assistant turn).
-    pub fn prompt_messages(&self) -> &[Message] {
-        let n = self
-            .messages
-            .iter()
-            .position(|m| m.role == "assistant")
-            .unwrap_or(self.messages.len());
-        &self.messages[..n]
-    }
 }
 
 struct State {

@@ -22,7 +22,7 @@ use crate::memory::checkpoint::Part;
 use crate::memory::limits::Budget;
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel};
-use crate::tasks::{render_chatml, Message, Sample};
+use crate::tasks::{render_chatml, Sample};
 
 /// Samples [`sft_rows`] cut or left out, by reason, for the one-line notes of the caller.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +147,6 @@ pub fn thin_points(model: &MemGenModel, row: &TfRow, q: f64, rng: &mut impl rand
         loss_mask: row.loss_mask.clone(),
         points,
     }
-}
-
-/// Rows from a plain (prompt, answer) text pair, for callers without a task.
-pub fn text_row(model: &MemGenModel, question: &str, answer: &str) -> anyhow::Result<TfRow> {
-    let prompt = model
-        .tokenizer
-        .encode(&render_chatml(&[Message::user(question)], true))?;
-    let ans = model.tokenizer.encode(&format!("{answer}<|im_end|>\n"))?;
-    sft_row(model, prompt, ans, usize::MAX).ok_or_else(|| anyhow::anyhow!("empty row"))
 }
 
 /// How one SFT run is driven (beyond the config).
