@@ -3,15 +3,17 @@
 //! a Hugging Face directory or a hub repo id; its tokenizer and chat template; generation.
 
 pub mod chat;
-pub mod config;
+pub(crate) mod config;
 pub mod generate;
-pub mod hf_config;
-pub mod lora;
+pub(crate) mod hf_config;
+pub(crate) mod lora;
+// Public only for the mask → positions helpers the tests and benches build inputs with.
+#[doc(hidden)]
 pub mod model;
-pub mod ops;
-pub mod packed;
-pub mod tokenizer;
-pub mod weights;
+pub(crate) mod ops;
+pub(crate) mod packed;
+pub(crate) mod tokenizer;
+pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

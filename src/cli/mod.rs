@@ -1,12 +1,12 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
 mod backbone_cmds;
-pub mod data_cmd;
-pub mod eval_cmd;
+mod data_cmd;
+mod eval_cmd;
 mod grade_cmd;
-pub mod memory_args;
+mod memory_args;
 mod retriever_cmd;
-pub mod train_cmd;
+mod train_cmd;
 
 pub use backbone_cmds::top_logits;
 
@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "MemGen: generative latent memory for LLM agents, on Candle"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Worker threads for matrix kernels (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
@@ -27,7 +27,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Generate text from a prompt with the plain backbone (streams to stdout).
     Generate(backbone_cmds::GenerateArgs),
     /// Print token ids and the top-k logits at every position (parity checks against other stacks).
@@ -50,7 +50,7 @@ pub enum Command {
 
 /// Options every model-loading command shares.
 #[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file, a Hugging Face model directory, a hub repo id, or `default` / `qwen`.
     #[arg(long)]
     pub model: Option<String>,

@@ -9,15 +9,15 @@
 //! - `kodcode` / `humaneval`: Python functions run against tests in a [`sandbox`].
 //! - `triviaqa` / `nq`: open QA with aliases, multi-turn with a search engine ([`search`]).
 
-pub mod arith;
-pub mod choice;
+pub(crate) mod arith;
+pub(crate) mod choice;
 pub mod code;
-pub mod config;
+pub(crate) mod config;
 pub mod data;
 pub mod grade;
 pub mod gsm8k;
 pub mod hub;
-pub mod math;
+pub(crate) mod math;
 pub mod qa;
 pub mod sandbox;
 pub mod search;

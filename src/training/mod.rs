@@ -6,9 +6,9 @@
 //! steps" equals "2N steps" bit for bit.
 
 pub mod grpo;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod optim;
-pub mod resume;
+pub(crate) mod resume;
 pub mod schedule;
 pub mod sft;
 
