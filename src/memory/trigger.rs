@@ -1,7 +1,7 @@
 //! The memory trigger: a LoRA-adapted backbone whose LM head is replaced by Linear(d → 2); class 1
 //! means "insert a memory here". Without a trigger model the nano trigger always answers 1.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
 use super::params::{Init, Linear};
 use crate::backbone::{Backbone, KvCache, LoraConfig, LoraSet, Mode};
@@ -38,12 +38,6 @@ impl Trigger {
             b.set(&Tensor::new(&[0f32, logit], b.as_tensor().device())?.to_dtype(dt)?)?;
         }
         Ok(())
-    }
-
-    pub fn vars(&self) -> Vec<Var> {
-        let mut v = self.backbone.lora.vars();
-        v.extend(self.head.vars());
-        v
     }
 
     /// Decision logits (B × L × 2, f32) for new token ids (B × L) appended to the trigger's cache.
