@@ -184,12 +184,12 @@ pub fn generate(
         } else {
             format!("prompt {r} of the batch")
         };
-        let budget = crate::memory::limits::Budget {
+        let budget = super::limits::Budget {
             tokens: p.len(),
             new_tokens: sampler.cfg.max_new_tokens,
             latents: 0,
         };
-        crate::memory::limits::check_backbone(model, "model", &what, budget, false)?;
+        super::limits::check_backbone(model, "model", &what, budget, false)?;
     }
     let dev = model.device().clone();
     let (ids, mask) = left_pad(prompts, pad_id);

@@ -6,6 +6,7 @@ pub mod chat;
 pub(crate) mod config;
 pub mod generate;
 pub(crate) mod hf_config;
+pub(crate) mod limits;
 pub(crate) mod lora;
 // Public only for the mask → positions helpers the tests and benches build inputs with.
 #[doc(hidden)]
