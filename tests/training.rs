@@ -8,7 +8,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use memgen::backbone::Arch;
-use memgen::config::{GrpoConfig, IntervalStrategy, LossType, LrScheduler, SftConfig, TrainingArgs};
+use memgen::config::{
+    GrpoConfig, IntervalStrategy, LossType, LrScheduler, SftConfig, TrainingArgs,
+};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::tasks::{Graded, Message, Sample, Split, Task};

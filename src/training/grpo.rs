@@ -877,7 +877,9 @@ pub fn train_grpo(
         let len = all.iter().map(|r| r.generated_tokens()).sum::<usize>() as f64 / n;
         first_reward.get_or_insert(rmean);
         last_reward = rmean;
-        if state.step.is_multiple_of(cfg.args.logging_steps.max(1)) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.args.logging_steps.max(1))
+            || state.step == plan.total_steps
+        {
             let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
             rec["loss"] = json!(loss_sum);
             rec["reward"] = json!(rmean);

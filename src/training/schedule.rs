@@ -32,7 +32,9 @@ impl Schedule {
                 let progress = (step - w) as f64 / (n.saturating_sub(w)).max(1) as f64;
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
-            LrScheduler::Linear => ((n as f64 - step as f64) / (n.saturating_sub(w)).max(1) as f64).max(0.0),
+            LrScheduler::Linear => {
+                ((n as f64 - step as f64) / (n.saturating_sub(w)).max(1) as f64).max(0.0)
+            }
             LrScheduler::Constant | LrScheduler::ConstantWithWarmup => 1.0,
         }
     }

@@ -327,7 +327,9 @@ pub fn train_sft(
         pb.set_position(state.step as u64);
 
         // ---- logging ----
-        if state.step.is_multiple_of(cfg.args.logging_steps.max(1)) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.args.logging_steps.max(1))
+            || state.step == plan.total_steps
+        {
             let secs = win_start.elapsed().as_secs_f64();
             let avg = win_loss / win_n as f64;
             first_loss.get_or_insert(avg);
