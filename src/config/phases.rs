@@ -22,6 +22,8 @@ use super::enums::{IntervalStrategy, LossType, LrScheduler, Optim};
 /// Optimiser and bookkeeping settings shared by SFT and GRPO (Hugging Face TrainingArguments
 /// names). Their defaults depend on the phase: see [`SftConfig::default`] and
 /// [`GrpoConfig::default`].
+// Read only as part of a phase section, which rejects unknown keys and supplies the defaults;
+// hence no `deny_unknown_fields` (serde's `flatten` does not support it) and no `Default`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingArgs {
     pub num_train_epochs: f64,
