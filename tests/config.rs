@@ -501,3 +501,48 @@ fn phase_defaults_differ_where_the_original_does() {
     assert_eq!(c.run.weaver.grpo.args.per_device_train_batch_size, 8);
     assert_eq!(c.run.weaver.grpo.args.num_train_epochs, 1.0);
 }
+
+/// The CLI on a config with a misspelt value, an unknown key or a bad override: exit status 1
+/// and exactly one line on stderr, naming the file, the key and (for a closed set) the accepted
+/// spellings. Nothing runs, so nothing is written.
+#[test]
+fn cli_reports_a_bad_config_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("configs/latent_memory/gsm8k.yaml")).unwrap();
+    let out_dir = tmp.path().join("out");
+    let cases = [
+        (
+            good.replacen("lr_scheduler_type: cosine", "lr_scheduler_type: cosinee", 1),
+            vec![],
+            "run.weaver.sft.lr_scheduler_type: `cosinee` is not one of linear, cosine, constant, constant_with_warmup",
+        ),
+        (
+            good.replacen("warmup_ratio: 0.1", "warmup_ration: 0.1", 1),
+            vec![],
+            "run.weaver.sft.warmup_ration: unknown field `warmup_ration`",
+        ),
+        (
+            good.clone(),
+            vec!["--options", "model.dtype", "fp32"],
+            "model.dtype: `fp32` is not one of f32, float32, f16, float16, bf16, bfloat16",
+        ),
+    ];
+    for (i, (text, extra, want)) in cases.into_iter().enumerate() {
+        let cfg = tmp.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_memgen"))
+            .args(["eval", "--vanilla", "--config", cfg.to_str().unwrap()])
+            .args(["--output-dir", out_dir.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("error: {}: {want}", cfg.display())),
+            "{err}\nwant {want}"
+        );
+    }
+    assert!(!out_dir.exists());
+}
