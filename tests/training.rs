@@ -8,7 +8,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use memgen::backbone::Arch;
-use memgen::config::{GrpoConfig, SftConfig};
+use memgen::config::{
+    GrpoConfig, IntervalStrategy, LossType, LrScheduler, SftConfig, TrainingArgs,
+};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::tasks::{Graded, Message, Sample, Split, Task};
@@ -53,16 +55,19 @@ fn rows(m: &MemGenModel) -> Vec<TfRow> {
 
 fn sft_cfg(steps: usize, lr: f64) -> SftConfig {
     SftConfig {
-        max_steps: Some(steps),
-        per_device_train_batch_size: 2,
-        per_device_eval_batch_size: 4,
-        learning_rate: lr,
-        warmup_ratio: 0.1,
-        logging_steps: 1,
-        eval_strategy: "steps".into(),
-        eval_steps: 3,
-        save_strategy: "steps".into(),
-        save_steps: 2,
+        args: TrainingArgs {
+            max_steps: Some(steps),
+            per_device_train_batch_size: 2,
+            per_device_eval_batch_size: 4,
+            learning_rate: lr,
+            warmup_ratio: 0.1,
+            logging_steps: 1,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: 3,
+            save_strategy: IntervalStrategy::Steps,
+            save_steps: 2,
+            ..SftConfig::default().args
+        },
         ..SftConfig::default()
     }
 }
@@ -128,20 +133,20 @@ fn grad_clipping_uses_the_global_norm() {
 
 #[test]
 fn schedules_follow_hugging_face() {
-    let c = Schedule::new("cosine", 1.0, 0.1, 10);
+    let c = Schedule::new(LrScheduler::Cosine, 1.0, 0.1, 10);
     assert_eq!(c.warmup_steps, 1);
     assert_eq!(c.factor(0), 0.0);
     assert!((c.factor(1) - 1.0).abs() < 1e-12);
     let want = 0.5 * (1.0 + (std::f64::consts::PI * 5.0 / 9.0).cos());
     assert!((c.factor(6) - want).abs() < 1e-12);
     assert!(c.factor(10).abs() < 1e-12);
-    let l = Schedule::new("linear", 2.0, 0.15, 10);
+    let l = Schedule::new(LrScheduler::Linear, 2.0, 0.15, 10);
     assert_eq!(l.warmup_steps, 2);
     assert!((l.lr(1) - 1.0).abs() < 1e-12);
     assert!((l.lr(5) - 2.0 * 5.0 / 8.0).abs() < 1e-12);
-    let k = Schedule::new("constant", 3.0, 0.5, 10);
+    let k = Schedule::new(LrScheduler::Constant, 3.0, 0.5, 10);
     assert_eq!(k.lr(0), 3.0);
-    let kw = Schedule::new("constant_with_warmup", 3.0, 0.5, 10);
+    let kw = Schedule::new(LrScheduler::ConstantWithWarmup, 3.0, 0.5, 10);
     assert!((kw.lr(1) - 0.6).abs() < 1e-12);
     assert_eq!(kw.lr(7), 3.0);
 }
@@ -181,7 +186,7 @@ fn grpo_losses_by_hand() {
         |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
     let loss = |ty: &str, beta: f64, refl: Option<&Tensor>| {
         let spec = LossSpec {
-            loss_type: ty.into(),
+            loss_type: ty.parse().unwrap(),
             eps_low: eps,
             eps_high: eps,
             beta,
@@ -209,7 +214,7 @@ fn grpo_losses_by_hand() {
     assert!((got - (sum + 0.1 * kl) / 4.0).abs() < 1e-6);
     // Asymmetric clip: ε_high = 0.28 changes the clipped value of an A > 0 token with r > 1.2.
     let spec = LossSpec {
-        loss_type: "bnpo".into(),
+        loss_type: LossType::Bnpo,
         eps_low: 0.2,
         eps_high: 0.28,
         beta: 0.0,
@@ -228,9 +233,9 @@ fn tiny_model_overfits_four_samples() {
     let r = rows(&m);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = sft_cfg(80, 3e-2);
-    cfg.per_device_train_batch_size = 4;
-    cfg.logging_steps = 10;
-    cfg.warmup_ratio = 0.0;
+    cfg.args.per_device_train_batch_size = 4;
+    cfg.args.logging_steps = 10;
+    cfg.args.warmup_ratio = 0.0;
     let before = sft::eval_loss(&m, &r, 4).unwrap();
     let run = SftRun {
         cfg,
@@ -385,17 +390,20 @@ impl Task for Toy {
 
 fn grpo_cfg() -> GrpoConfig {
     GrpoConfig {
-        max_steps: Some(4),
-        per_device_train_batch_size: 4,
+        args: TrainingArgs {
+            max_steps: Some(4),
+            per_device_train_batch_size: 4,
+            learning_rate: 1e-2,
+            eval_strategy: IntervalStrategy::No,
+            save_strategy: IntervalStrategy::Steps,
+            save_steps: 1,
+            ..GrpoConfig::default().args
+        },
         num_generations: 4,
         num_iterations: 2,
         max_completion_length: 6,
-        learning_rate: 1e-2,
-        eval_strategy: "no".into(),
-        save_strategy: "steps".into(),
-        save_steps: 1,
         beta: 0.05,
-        loss_type: "grpo".into(),
+        loss_type: LossType::Grpo,
         insertion_penalty: 0.5,
         ..GrpoConfig::default()
     }

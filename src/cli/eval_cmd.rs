@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::backbone::{self, generate::SamplingConfig};
+use crate::backbone::generate::SamplingConfig;
 use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::limits::Budget;
@@ -46,7 +46,7 @@ pub struct EvalArgs {
 
 /// The model to evaluate: vanilla, a checkpoint, or (only when asked) an untrained weaver.
 fn build_model(args: &EvalArgs, cfg: &RunConfig) -> anyhow::Result<(MemGenModel, String)> {
-    let device = backbone::parse_device(&cfg.model.device)?;
+    let device = cfg.model.device.open()?;
     let mut spec = cfg.memgen_spec(false);
     if args.vanilla {
         // Zero-length memories are the plain reasoner exactly, with no weaver compute.

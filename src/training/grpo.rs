@@ -29,7 +29,7 @@ use super::{
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::backbone::model::positions_tensor;
 use crate::backbone::Mode;
-use crate::config::GrpoConfig;
+use crate::config::{GrpoConfig, IntervalStrategy, LossType};
 use crate::memory::checkpoint::Part;
 use crate::memory::generate::{MemGenerated, MemoryOptions};
 use crate::memory::teacher::TfRow;
@@ -109,7 +109,7 @@ pub fn advantages(rewards: &[f64], group: usize, scale: bool) -> Vec<f64> {
 /// The settings of the clipped policy loss.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossSpec {
-    pub loss_type: String,
+    pub loss_type: LossType,
     pub eps_low: f64,
     pub eps_high: f64,
     pub beta: f64,
@@ -154,10 +154,10 @@ pub fn seq_weights(lens: &[usize], spec: &LossSpec) -> Vec<f64> {
     let n_seqs = lens.len().max(1) as f64;
     let total = lens.iter().sum::<usize>().max(1) as f64;
     lens.iter()
-        .map(|&l| match spec.loss_type.as_str() {
-            "grpo" => 1.0 / (n_seqs * l.max(1) as f64),
-            "dr_grpo" => 1.0 / (n_seqs * spec.max_completion_length.max(1) as f64),
-            _ => 1.0 / total,
+        .map(|&l| match spec.loss_type {
+            LossType::Grpo => 1.0 / (n_seqs * l.max(1) as f64),
+            LossType::DrGrpo => 1.0 / (n_seqs * spec.max_completion_length.max(1) as f64),
+            LossType::Bnpo => 1.0 / total,
         })
         .collect()
 }
@@ -656,7 +656,7 @@ pub fn train_grpo(
     }
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     let g = cfg.num_generations;
-    let prompts_per_micro = cfg.per_device_train_batch_size / g;
+    let prompts_per_micro = cfg.args.per_device_train_batch_size / g;
     anyhow::ensure!(
         prompts_per_micro > 0,
         "per_device_train_batch_size must be a multiple of num_generations"
@@ -664,17 +664,17 @@ pub fn train_grpo(
     let plan = Plan::new(
         train.len(),
         prompts_per_micro,
-        cfg.gradient_accumulation_steps,
-        cfg.num_train_epochs,
-        cfg.max_steps,
+        cfg.args.gradient_accumulation_steps,
+        cfg.args.num_train_epochs,
+        cfg.args.max_steps,
         run.seed,
     )?;
     // Each step makes `num_iterations` optimiser updates on its rollouts; the schedule counts updates.
     let iters = cfg.num_iterations.max(1);
     let sched = Schedule::new(
-        &cfg.lr_scheduler_type,
-        cfg.learning_rate,
-        cfg.warmup_ratio,
+        cfg.args.lr_scheduler_type,
+        cfg.args.learning_rate,
+        cfg.args.warmup_ratio,
         plan.total_steps * iters,
     );
     // In checkpoint-key order, so the reference policy's saved tensors line up with them.
@@ -687,11 +687,11 @@ pub fn train_grpo(
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
-            lr: cfg.learning_rate,
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
+            lr: cfg.args.learning_rate,
+            beta1: cfg.args.adam_beta1,
+            beta2: cfg.args.adam_beta2,
+            eps: cfg.args.adam_epsilon,
+            weight_decay: cfg.args.weight_decay,
         },
     )?;
     // The reference policy for β > 0: the starting weights (before any resume).
@@ -725,7 +725,7 @@ pub fn train_grpo(
     let started = Instant::now();
     let elapsed = |st: &TrainerState| st.elapsed + started.elapsed().as_secs_f64();
     let spec = LossSpec {
-        loss_type: cfg.loss_type.clone(),
+        loss_type: cfg.loss_type,
         eps_low: cfg.epsilon,
         eps_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
         beta: cfg.beta,
@@ -851,7 +851,7 @@ pub fn train_grpo(
             }
             lr = sched.lr(s * iters + it);
             if any {
-                grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+                grad_norm = clip_grad_norm(&mut grads, cfg.args.max_grad_norm)?;
                 if !grad_norm.is_finite() {
                     return Err(super::non_finite_stop(
                         &pb,
@@ -877,7 +877,9 @@ pub fn train_grpo(
         let len = all.iter().map(|r| r.generated_tokens()).sum::<usize>() as f64 / n;
         first_reward.get_or_insert(rmean);
         last_reward = rmean;
-        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.args.logging_steps.max(1))
+            || state.step == plan.total_steps
+        {
             let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
             rec["loss"] = json!(loss_sum);
             rec["reward"] = json!(rmean);
@@ -905,15 +907,15 @@ pub fn train_grpo(
         // ---- validation (greedy reward), best model ----
         let last = state.step == plan.total_steps;
         if !valid.is_empty()
-            && (due(&cfg.eval_strategy, cfg.eval_steps, &plan, s)
-                || (last && cfg.eval_strategy != "no"))
+            && (due(cfg.args.eval_strategy, cfg.args.eval_steps, &plan, s)
+                || (last && cfg.args.eval_strategy != IntervalStrategy::No))
         {
             let (vr, vins) = eval_reward(
                 model,
                 task,
                 env,
                 valid,
-                cfg.per_device_eval_batch_size,
+                cfg.args.per_device_eval_batch_size,
                 cfg.max_completion_length,
                 cfg.max_prompt_length,
             )?;
@@ -945,7 +947,7 @@ pub fn train_grpo(
             &state,
             elapsed(&state),
             &metrics,
-            due(&cfg.save_strategy, cfg.save_steps, &plan, s),
+            due(cfg.args.save_strategy, cfg.args.save_steps, &plan, s),
             last,
             run.stop_after,
         )? {
@@ -967,7 +969,7 @@ pub fn train_grpo(
         Target::Weaver => "weaver",
         Target::Trigger => "trigger",
     });
-    if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
+    if cfg.args.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
         model.load_weights(
             &Path::new(out).join(BEST).join("model.safetensors"),
             &[target.part()],

@@ -18,6 +18,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::IntervalStrategy;
 use crate::memory::MemGenModel;
 use crate::signals;
 use optim::AdamW;
@@ -139,11 +140,11 @@ impl Plan {
 
 /// Should something run after step `s` (0-based) under `strategy` (`steps` every `every`, `epoch`
 /// at epoch ends, `no`)? The last step always counts for saving, so a run ends with a checkpoint.
-pub fn due(strategy: &str, every: usize, plan: &Plan, s: usize) -> bool {
+pub fn due(strategy: IntervalStrategy, every: usize, plan: &Plan, s: usize) -> bool {
     match strategy {
-        "steps" => every > 0 && (s + 1).is_multiple_of(every),
-        "epoch" => plan.ends_epoch(s),
-        _ => false,
+        IntervalStrategy::Steps => every > 0 && (s + 1).is_multiple_of(every),
+        IntervalStrategy::Epoch => plan.ends_epoch(s),
+        IntervalStrategy::No => false,
     }
 }
 

@@ -17,7 +17,7 @@ use super::{
     BEST,
 };
 use crate::backbone::Mode;
-use crate::config::SftConfig;
+use crate::config::{IntervalStrategy, SftConfig};
 use crate::memory::checkpoint::Part;
 use crate::memory::limits::Budget;
 use crate::memory::teacher::TfRow;
@@ -204,16 +204,16 @@ pub fn train_sft(
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     let plan = Plan::new(
         train.len(),
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.num_train_epochs,
-        cfg.max_steps,
+        cfg.args.per_device_train_batch_size,
+        cfg.args.gradient_accumulation_steps,
+        cfg.args.num_train_epochs,
+        cfg.args.max_steps,
         run.seed,
     )?;
     let sched = Schedule::new(
-        &cfg.lr_scheduler_type,
-        cfg.learning_rate,
-        cfg.warmup_ratio,
+        cfg.args.lr_scheduler_type,
+        cfg.args.learning_rate,
+        cfg.args.warmup_ratio,
         plan.total_steps,
     );
     let q = cfg.insertion_probability;
@@ -233,11 +233,11 @@ pub fn train_sft(
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
-            lr: cfg.learning_rate,
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
+            lr: cfg.args.learning_rate,
+            beta1: cfg.args.adam_beta1,
+            beta2: cfg.args.adam_beta2,
+            eps: cfg.args.adam_epsilon,
+            weight_decay: cfg.args.weight_decay,
         },
     )?;
     let mut state = super::resume_or_start(
@@ -299,7 +299,7 @@ pub fn train_sft(
             let g = (loss * w)?.backward()?;
             accumulate(&mut grads, &vars, &g)?;
         }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.args.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(super::non_finite_stop(
                 &pb,
@@ -318,7 +318,9 @@ pub fn train_sft(
         pb.set_position(state.step as u64);
 
         // ---- logging ----
-        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(cfg.args.logging_steps.max(1))
+            || state.step == plan.total_steps
+        {
             let secs = win_start.elapsed().as_secs_f64();
             let avg = win_loss / win_n as f64;
             first_loss.get_or_insert(avg);
@@ -350,10 +352,10 @@ pub fn train_sft(
         // ---- validation, best model ----
         let last = state.step == plan.total_steps;
         if !valid.is_empty()
-            && (due(&cfg.eval_strategy, cfg.eval_steps, &plan, s)
-                || (last && cfg.eval_strategy != "no"))
+            && (due(cfg.args.eval_strategy, cfg.args.eval_steps, &plan, s)
+                || (last && cfg.args.eval_strategy != IntervalStrategy::No))
         {
-            let vl = eval_loss(model, valid, cfg.per_device_eval_batch_size)?;
+            let vl = eval_loss(model, valid, cfg.args.per_device_eval_batch_size)?;
             let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
             rec["eval_loss"] = json!(vl);
             metrics.log(rec)?;
@@ -374,7 +376,7 @@ pub fn train_sft(
             &state,
             elapsed(&state),
             &metrics,
-            due(&cfg.save_strategy, cfg.save_steps, &plan, s),
+            due(cfg.args.save_strategy, cfg.args.save_steps, &plan, s),
             last,
             run.stop_after,
         )? {
@@ -395,7 +397,7 @@ pub fn train_sft(
     }
     // The final weaver: the best validation checkpoint when asked for, else the last weights.
     let final_dir = out.join("weaver");
-    if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
+    if cfg.args.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
         let best = Path::new(out).join(BEST).join("model.safetensors");
         model.load_weights(&best, &[Part::Weaver])?;
         eprintln!(
