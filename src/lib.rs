@@ -7,6 +7,7 @@
 pub mod backbone;
 pub mod cli;
 pub mod config;
+pub mod distributed;
 pub mod memory;
 pub mod retrieval;
 pub mod signals;
