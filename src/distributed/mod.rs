@@ -204,6 +204,26 @@ impl World {
         Ok(())
     }
 
+    /// Overwrite `value` on every rank with rank `root`'s, sent as JSON.
+    pub fn broadcast_json<T>(&self, value: &mut T, root: usize) -> anyhow::Result<()>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let mut bytes = if self.rank == root {
+            serde_json::to_vec(value)?
+        } else {
+            vec![]
+        };
+        self.broadcast_bytes(&mut bytes, root)?;
+        if self.rank != root {
+            *value = serde_json::from_slice(&bytes)?;
+        }
+        Ok(())
+    }
+
     /// Every rank's `bytes`, in rank order (an all-gather built on [`World::broadcast_bytes`]:
     /// its callers move a few kilobytes per batch).
     pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
@@ -235,6 +255,25 @@ impl World {
         let mut b = [f32::from(u8::from(flag))];
         self.all_reduce_sum(&mut b)?;
         Ok(b[0] > 0.0)
+    }
+
+    /// The signal that asked the run to stop on any rank (the lowest rank's, when several
+    /// did), adopted by every rank ([`crate::signals::adopt`]) so all stop at this same point.
+    /// Every rank must call it at the same point of the run. One process: its own signal, with no
+    /// communication.
+    pub fn agree_on_signal(&self) -> Result<Option<i32>, Error> {
+        let mine = crate::signals::requested();
+        if self.size == 1 {
+            return Ok(mine);
+        }
+        let mut slots = vec![0f32; self.size];
+        slots[self.rank] = mine.unwrap_or(0) as f32;
+        self.all_reduce_sum(&mut slots)?;
+        let agreed = slots.iter().find(|&&s| s > 0.0).map(|&s| s as i32);
+        if let Some(sig) = agreed {
+            crate::signals::adopt(sig);
+        }
+        Ok(agreed.or(mine))
     }
 
     /// Check that every rank holds the same `value` of `what` (as rank 0 does).

@@ -28,9 +28,10 @@ pub fn install_signal_handlers() {
     signals::install("saving a resumable checkpoint after this step");
 }
 
-/// Has a signal asked the run to stop?
-pub fn interrupted() -> bool {
-    signals::requested().is_some()
+/// Has a signal asked the run to stop? Under MPI a collective: every rank calls it once per step
+/// and they agree, so all stop after the same step (a signal may reach only some ranks).
+pub fn interrupted() -> anyhow::Result<bool> {
+    Ok(crate::distributed::world().agree_on_signal()?.is_some())
 }
 
 /// What `trainer_state.json` records beside a checkpoint.
@@ -199,7 +200,7 @@ pub fn checkpoint_after_step(
     stop_after: Option<usize>,
 ) -> anyhow::Result<bool> {
     signals::pause_for_test(state.step);
-    let stop_now = interrupted() || stop_after == Some(state.step);
+    let stop_now = interrupted()? || stop_after == Some(state.step);
     if due || last || stop_now {
         let mut st = state.clone();
         st.elapsed = elapsed;
