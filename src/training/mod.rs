@@ -11,6 +11,7 @@ pub mod optim;
 pub mod resume;
 pub mod schedule;
 pub mod sft;
+pub(crate) mod trainer;
 
 use std::path::{Path, PathBuf};
 
