@@ -16,7 +16,10 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_backend;
+mod ranks;
 pub mod shard;
+
+pub(crate) use ranks::Ranks;
 
 use std::sync::OnceLock;
 
@@ -175,6 +178,16 @@ impl World {
 
     /// Sum `buf` elementwise over all ranks, in place; every rank ends with the same sums.
     pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), Error> {
+        #[cfg(feature = "mpi")]
+        if let Some(c) = &self.comm {
+            return c.all_reduce_sum(buf);
+        }
+        let _ = buf;
+        Ok(())
+    }
+
+    /// [`World::all_reduce_sum`] in f64 (logged sums, validation totals).
+    pub fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), Error> {
         #[cfg(feature = "mpi")]
         if let Some(c) = &self.comm {
             return c.all_reduce_sum(buf);

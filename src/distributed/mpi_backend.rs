@@ -65,7 +65,10 @@ impl Comm {
         Ok(&self.world)
     }
 
-    pub(super) fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), Error> {
+    pub(super) fn all_reduce_sum<T>(&self, buf: &mut [T]) -> Result<(), Error>
+    where
+        T: mpi::datatype::Equivalence + Copy,
+    {
         let w = self.on_owner()?;
         count(buf.len())?;
         let send = buf.to_vec();
@@ -98,7 +101,8 @@ impl Comm {
     }
 
     pub(super) fn abort(&self, code: i32) -> ! {
-        // MPI_Abort may be called from any thread: it only has to reach the launcher.
+        // Not checked against `owner`: this is the last call of a failing process (the CLI makes
+        // it on the main thread), and it has to end the job whatever state MPI is in.
         self.world.abort(code)
     }
 }

@@ -202,7 +202,8 @@ pub fn checkpoint_after_step(
 ) -> anyhow::Result<bool> {
     signals::pause_for_test(state.step);
     let stop_now = interrupted()? || stop_after == Some(state.step);
-    if due || last || stop_now {
+    // Rank 0 alone writes checkpoints (crate::distributed); all ranks stop together.
+    if (due || last || stop_now) && crate::distributed::world().is_root() {
         let mut st = state.clone();
         st.elapsed = elapsed;
         save_checkpoint(out, model, opt, &st)?;
@@ -350,13 +351,18 @@ pub fn resume_or_start(
         // From here on the checkpoints record the settings this session runs with.
         state.settings = fresh.settings;
     }
-    eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    if crate::distributed::world().is_root() {
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
     Ok(state)
 }
 
 /// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to
 /// stderr as lines).
 pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
+    if !crate::distributed::world().is_root() {
+        return indicatif::ProgressBar::hidden();
+    }
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(&format!(
@@ -369,6 +375,9 @@ pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
 
 /// Make a log line for a hidden progress bar.
 pub fn say(pb: &indicatif::ProgressBar, line: &str) {
+    if !crate::distributed::world().is_root() {
+        return; // rank 0 alone reports progress
+    }
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

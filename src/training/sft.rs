@@ -12,11 +12,12 @@ use serde_json::json;
 
 use super::step_rng;
 use super::trainer::{
-    self, loop_config, Backward, LogLine, Objective, Session, SingleProcess, StepBatch, Update,
+    self, loop_config, Backward, LogLine, Objective, Session, DataParallel, StepBatch, Update,
     Validation,
 };
 use crate::backbone::Mode;
 use crate::config::SftConfig;
+use crate::distributed::Ranks;
 use crate::memory::checkpoint::Part;
 use crate::memory::limits::Budget;
 use crate::memory::teacher::TfRow;
@@ -192,13 +193,19 @@ fn n_targets(r: &TfRow) -> usize {
 
 /// Token-weighted mean validation loss, no dropout and no graph.
 pub fn eval_loss(model: &MemGenModel, rows: &[TfRow], batch: usize) -> anyhow::Result<f64> {
+    let [sum, n] = eval_loss_sums(model, rows, batch)?;
+    Ok(if n == 0.0 { f64::NAN } else { sum / n })
+}
+
+/// The validation loss summed over target tokens, and the token count.
+fn eval_loss_sums(model: &MemGenModel, rows: &[TfRow], batch: usize) -> anyhow::Result<[f64; 2]> {
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in rows.chunks(batch.max(1)) {
         let (loss, count) = model.sft_loss(chunk, &mut Mode::Infer)?;
         sum += loss.to_scalar::<f32>()? as f64 * count as f64;
         n += count;
     }
-    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    Ok([sum, n as f64])
 }
 
 /// SFT-train the weaver on `train`, validating on `valid` (docs/DESIGN.md, "The SFT loss").
@@ -222,7 +229,7 @@ pub fn train_sft(
         &mut obj,
         &loop_config!(&run.cfg),
         &session,
-        &mut SingleProcess,
+        &mut Ranks::new(model.weaver_vars()),
     )?;
     Ok(SftOutcome {
         steps: done.steps,
@@ -245,8 +252,10 @@ struct Sft<'a> {
     seed: u64,
     micro: usize,
     eval_batch: usize,
-    /// This step's loss: the mean over its micro-batches.
+    /// This step's loss: the mean over its micro-batches (this process's part, then summed over
+    /// the processes at the end of the step), and the tokens it read.
     step_loss: f64,
+    step_tokens: usize,
     /// The logging window: summed step losses, steps, tokens read, since when.
     win_loss: f64,
     win_n: usize,
@@ -282,6 +291,7 @@ impl<'a> Sft<'a> {
             micro: run.cfg.per_device_train_batch_size,
             eval_batch: run.cfg.per_device_eval_batch_size,
             step_loss: 0.0,
+            step_tokens: 0,
             win_loss: 0.0,
             win_n: 0,
             win_tokens: 0,
@@ -312,8 +322,9 @@ impl Objective for Sft<'_> {
         (self.train.len(), self.micro)
     }
 
-    fn begin_step(&mut self, _: &StepBatch) -> anyhow::Result<()> {
+    fn begin_step(&mut self, _: &StepBatch, _: &dyn DataParallel) -> anyhow::Result<()> {
         self.step_loss = 0.0;
+        self.step_tokens = 0;
         Ok(())
     }
 
@@ -325,35 +336,51 @@ impl Objective for Sft<'_> {
         backward: &mut Backward,
     ) -> anyhow::Result<()> {
         let (j, idx) = &batch.micro[k];
+        let (whole, off) = (&batch.whole[*j], batch.offset[k]);
+        // The batch loss is the mean NLL over the target tokens of the whole micro-batch (every
+        // process's rows), so the processes' gradients sum to one process's over all of them.
+        let n_whole: usize = whole.iter().map(|&i| n_targets(&self.train[i])).sum();
+        anyhow::ensure!(n_whole > 0, "a batch without answer tokens");
+        if idx.is_empty() {
+            return Ok(()); // a short last micro-batch left this process nothing
+        }
         let rows: Vec<&TfRow> = idx.iter().map(|&i| &self.train[i]).collect();
-        self.win_tokens += rows.iter().map(|r| r.tokens.len()).sum::<usize>();
-        // The batch loss is the mean NLL over all its target tokens, computed for the whole
-        // micro-batch at once (rows with different memory layouts are woven together).
-        let n_batch: usize = rows.iter().map(|r| n_targets(r)).sum();
-        anyhow::ensure!(n_batch > 0, "a batch without answer tokens");
+        self.step_tokens += rows.iter().map(|r| r.tokens.len()).sum::<usize>();
+        let n_mine: usize = rows.iter().map(|r| n_targets(r)).sum();
         let at = (batch.step * batch.accum + j) as u64;
-        let mut rng = step_rng(self.seed, at, 0xD80);
+        // Dropout: each process its own stream (offset 0: the one-process stream).
+        let mut rng = step_rng(self.seed, at, 0xD80 + off as u64);
         let rows: Vec<TfRow> = if self.q < 1.0 {
+            // Thinning draws run over the whole micro-batch in order, so a row's memories do
+            // not depend on how the rows are split.
             let mut thin_rng = step_rng(self.seed, at, 0xD81);
-            rows.into_iter()
-                .map(|r| thin_points(self.model, r, self.q, &mut thin_rng))
-                .collect()
+            let thinned: Vec<TfRow> = whole
+                .iter()
+                .map(|&i| thin_points(self.model, &self.train[i], self.q, &mut thin_rng))
+                .collect();
+            thinned[off..off + idx.len()].to_vec()
         } else {
             rows.into_iter().cloned().collect()
         };
+        // This process's rows at once (rows with different memory layouts are woven together).
         let (loss, _) = self.model.sft_loss(&rows, &mut Mode::Train(&mut rng))?;
         let l = loss.to_scalar::<f32>()? as f64;
-        // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
-        let w = 1.0 / batch.n_micro as f64;
+        // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation; this
+        // process's rows weigh by their share of the micro-batch's tokens.
+        let w = (n_mine as f64 / n_whole as f64) / batch.n_micro as f64;
         backward((loss * w)?, l)?;
         self.step_loss += l * w;
         Ok(())
     }
 
-    fn end_step(&mut self) {
-        self.win_loss += self.step_loss;
+    fn end_step(&mut self, dp: &dyn DataParallel) -> anyhow::Result<()> {
+        let mut step = [self.step_loss, self.step_tokens as f64];
+        dp.sum(&mut step)?;
+        self.win_loss += step[0];
+        self.win_tokens += step[1] as usize;
         self.win_n += 1;
-        self.last_loss = self.step_loss;
+        self.last_loss = step[0];
+        Ok(())
     }
 
     fn log(&mut self, u: &Update) -> LogLine {
@@ -382,8 +409,15 @@ impl Objective for Sft<'_> {
         !self.valid.is_empty()
     }
 
-    fn validate(&mut self, step: usize) -> anyhow::Result<Validation> {
-        let vl = eval_loss(self.model, &self.valid, self.eval_batch)?;
+    fn validate(&mut self, step: usize, dp: &dyn DataParallel) -> anyhow::Result<Validation> {
+        let mine = &self.valid[dp.share(self.valid.len())];
+        let mut sums = eval_loss_sums(self.model, mine, self.eval_batch)?;
+        dp.sum(&mut sums)?;
+        let vl = if sums[1] == 0.0 {
+            f64::NAN
+        } else {
+            sums[0] / sums[1]
+        };
         Ok(Validation {
             metric: vl,
             fields: vec![("eval_loss", json!(vl))],

@@ -6,8 +6,9 @@
 //!
 //! Data parallelism has two seams, both on [`DataParallel`]: which micro-batches of a step this
 //! process runs ([`step_batch`]) and the gradient all-reduce once per optimiser update, before
-//! clipping ([`update`]). One process ([`SingleProcess`]) runs every micro-batch and reduces
-//! nothing.
+//! clipping ([`update`]). The trait's defaults are one process: every item of every
+//! micro-batch, nothing reduced; `crate::distributed::Ranks` is the MPI rank (one process
+//! behaves exactly as the defaults).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -88,28 +89,35 @@ pub(crate) struct Session<'a> {
 }
 
 /// How several processes share a run. The single-process defaults run everything and reduce
-/// nothing; an MPI implementation shards the micro-batches by rank and all-reduces gradients.
+/// nothing; the MPI implementation (crate::distributed::Ranks) gives each rank its share of
+/// every micro-batch and all-reduces gradients.
 pub(crate) trait DataParallel {
-    /// This process's share of a step's micro-batches, each `(index within the step, item
-    /// indices)`. Indices stay global so the per-micro-batch RNG seeds do not depend on the
-    /// number of processes.
-    fn shard(&self, micro: Vec<(usize, Vec<usize>)>) -> Vec<(usize, Vec<usize>)> {
-        micro
+    /// Processes sharing the run: a micro-batch holds `per-device items × size` items.
+    fn size(&self) -> usize {
+        1
+    }
+
+    /// This process's share of a micro-batch of `n` items: a range of its positions. Every
+    /// process keeps every micro-batch index, so the per-micro-batch RNG seeds do not depend on
+    /// the number of processes.
+    fn share(&self, n: usize) -> std::ops::Range<usize> {
+        0..n
     }
 
     /// Combine the gradients this process accumulated (one slot per trainable var, None where it
     /// got none) with the other processes', once per optimiser update, before clipping. Called
     /// on every update, also one where this process backpropagated nothing, so a collective
-    /// all-reduce never waits on a process that skipped it.
-    fn reduce_grads(&mut self, _grads: &mut [Option<Tensor>]) -> anyhow::Result<()> {
+    /// all-reduce never waits on a process that skipped it. `any`: did this process
+    /// backpropagate a term; returns whether any process did (all then step the optimiser).
+    fn reduce_grads(&mut self, _grads: &mut [Option<Tensor>], any: bool) -> anyhow::Result<bool> {
+        Ok(any)
+    }
+
+    /// Sum `values` over the processes, in place (logged numbers, validation sums).
+    fn sum(&self, _values: &mut [f64]) -> anyhow::Result<()> {
         Ok(())
     }
 }
-
-/// One process: every micro-batch, no reduction.
-pub(crate) struct SingleProcess;
-
-impl DataParallel for SingleProcess {}
 
 /// The micro-batches one process runs at one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,20 +129,32 @@ pub(crate) struct StepBatch {
     pub accum: usize,
     /// Micro-batches in the whole step over all processes: losses average over them.
     pub n_micro: usize,
-    /// This process's micro-batches: (index within the step, item indices).
+    /// This process's share of each micro-batch: (index within the step, item indices); empty
+    /// when a short last micro-batch has no item for it.
     pub micro: Vec<(usize, Vec<usize>)>,
+    /// Every process's items of each micro-batch (by index): what losses normalise over.
+    pub whole: Vec<Vec<usize>>,
+    /// Where this process's share starts in `whole[j]`, per entry of `micro`.
+    pub offset: Vec<usize>,
 }
 
 /// The batch selection, in one place: the plan's micro-batches of step `s`, then this process's
-/// share of them.
+/// share of each.
 pub(crate) fn step_batch(plan: &Plan, s: usize, dp: &dyn DataParallel) -> StepBatch {
-    let all = plan.micro_batches(s);
-    let n_micro = all.len();
+    let whole = plan.micro_batches(s);
+    let ranges: Vec<_> = whole.iter().map(|items| dp.share(items.len())).collect();
     StepBatch {
         step: s,
         accum: plan.accum,
-        n_micro,
-        micro: dp.shard(all.into_iter().enumerate().collect()),
+        n_micro: whole.len(),
+        micro: ranges
+            .iter()
+            .zip(&whole)
+            .enumerate()
+            .map(|(j, (r, items))| (j, items[r.clone()].to_vec()))
+            .collect(),
+        offset: ranges.iter().map(|r| r.start).collect(),
+        whole,
     }
 }
 
@@ -190,8 +210,9 @@ pub(crate) trait Objective {
     fn prepare(&mut self, _out: &Path) -> anyhow::Result<()> {
         Ok(())
     }
-    /// Before the step's updates (GRPO rolls out every micro-batch here).
-    fn begin_step(&mut self, batch: &StepBatch) -> anyhow::Result<()>;
+    /// Before the step's updates (GRPO rolls out every micro-batch here; `dp` sums its
+    /// normalisers over the processes).
+    fn begin_step(&mut self, batch: &StepBatch, dp: &dyn DataParallel) -> anyhow::Result<()>;
     /// The loss terms of `batch.micro[k]` for update `update`, each handed to `backward` as soon
     /// as it exists (so one graph is alive at a time). Their gradients add up to the update's.
     fn micro_batch(
@@ -201,14 +222,15 @@ pub(crate) trait Objective {
         k: usize,
         backward: &mut Backward,
     ) -> anyhow::Result<()>;
-    /// After every step's updates.
-    fn end_step(&mut self);
+    /// After every step's updates; `dp` sums the step's logged numbers over the processes.
+    fn end_step(&mut self, dp: &dyn DataParallel) -> anyhow::Result<()>;
     /// The log record of a step where logging is due.
     fn log(&mut self, u: &Update) -> LogLine;
     /// Is there validation data?
     fn has_validation(&self) -> bool;
-    /// Validate the current weights after `step` steps.
-    fn validate(&mut self, step: usize) -> anyhow::Result<Validation>;
+    /// Validate the current weights after `step` steps, on this process's share of the
+    /// validation items ([`DataParallel::share`]), the result summed over the processes by `dp`.
+    fn validate(&mut self, step: usize, dp: &dyn DataParallel) -> anyhow::Result<Validation>;
     /// How the best metric reads in the "loaded the best model" note.
     fn best_note(&self, metric: f64) -> String;
 }
@@ -232,16 +254,16 @@ pub(crate) fn train(
     run: &Session,
     dp: &mut dyn DataParallel,
 ) -> anyhow::Result<Finished> {
-    let mut lp = Loop::start(model, obj, cfg, run)?;
+    let mut lp = Loop::start(model, obj, cfg, run, dp.size())?;
     while lp.state.step < lp.plan.total_steps {
         let s = lp.state.step;
         // ---- this process's micro-batches; forward/backward; all-reduce; clip; AdamW ----
         let batch = step_batch(&lp.plan, s, dp);
-        obj.begin_step(&batch)?;
+        obj.begin_step(&batch, dp)?;
         let (lr, grad_norm) = lp.optimise(obj, &batch, dp)?;
         lp.state.step = s + 1;
         lp.pb.set_position(lp.state.step as u64);
-        obj.end_step();
+        obj.end_step(dp)?;
         let last = lp.state.step == lp.plan.total_steps;
 
         // ---- logging ----
@@ -254,7 +276,7 @@ pub(crate) fn train(
             && (due(&cfg.eval_strategy, cfg.eval_steps, &lp.plan, s)
                 || (last && cfg.eval_strategy != "no"))
         {
-            lp.validate(obj)?;
+            lp.validate(obj, dp)?;
         }
 
         // ---- checkpoints; a signal or `stop_after` stops here ----
@@ -280,8 +302,12 @@ pub(crate) fn train(
         }
     }
     lp.pb.finish_and_clear();
-    let final_dir = final_save(model, &*obj, cfg, &lp.state, run.out)?;
-    lp.metrics.plot()?;
+    let final_dir = run.out.join(obj.final_name());
+    // Rank 0 alone writes (crate::distributed); the others hold the same weights.
+    if crate::distributed::world().is_root() {
+        final_save(model, &*obj, cfg, &lp.state, run.out)?;
+        lp.metrics.plot()?;
+    }
     Ok(Finished {
         steps: lp.state.step,
         best_metric: lp.state.best_metric,
@@ -311,13 +337,18 @@ impl<'a> Loop<'a> {
         obj: &mut dyn Objective,
         cfg: &LoopConfig,
         run: &Session<'a>,
+        processes: usize,
     ) -> anyhow::Result<Self> {
         let out = run.out;
-        std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        let world = crate::distributed::world();
+        if world.is_root() {
+            std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        }
         let (n_items, micro) = obj.items();
+        // `micro` is per process (per device): a micro-batch spans all of them.
         let plan = Plan::new(
             n_items,
-            micro,
+            micro * processes,
             cfg.accum,
             cfg.epochs,
             cfg.max_steps,
@@ -349,7 +380,14 @@ impl<'a> Loop<'a> {
             fresh,
             run.resume_anyway,
         )?;
-        let metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
+        // Every rank continues from rank 0's weights at rank 0's step (one process: no-op).
+        crate::distributed::shard::broadcast_vars(world, &vars)?;
+        world.check_same("the step to start from", &state.step.to_string())?;
+        let metrics = if world.is_root() {
+            Metrics::open(out, (state.step > 0).then_some(state.step))?
+        } else {
+            Metrics::unwritten()
+        };
         let pb = progress(plan.total_steps, obj.phase());
         pb.set_position(state.step as u64);
         let clock = Clock {
@@ -397,7 +435,7 @@ impl<'a> Loop<'a> {
                     Ok(())
                 })?;
             }
-            dp.reduce_grads(&mut grads)?;
+            let any = dp.reduce_grads(&mut grads, any)?;
             lr = self.sched.lr(s * iters + it);
             if any {
                 grad_norm = clip_grad_norm(&mut grads, self.max_grad_norm)?;
@@ -440,9 +478,13 @@ impl<'a> Loop<'a> {
     }
 
     /// Validate, log the result, and save `checkpoint-best` when it is the best so far.
-    fn validate(&mut self, obj: &mut dyn Objective) -> anyhow::Result<()> {
+    fn validate(
+        &mut self,
+        obj: &mut dyn Objective,
+        dp: &dyn DataParallel,
+    ) -> anyhow::Result<()> {
         let step = self.state.step;
-        let v = obj.validate(step)?;
+        let v = obj.validate(step, dp)?;
         let mut rec = record(step, self.plan.epoch_at(step), self.clock.elapsed());
         for (k, x) in v.fields {
             rec[k] = x;
@@ -452,8 +494,10 @@ impl<'a> Loop<'a> {
         if v.metric.is_finite() && self.state.best_metric.is_none_or(|b| v.metric < b) {
             self.state.best_metric = Some(v.metric);
             self.state.best_step = Some(step);
-            let _hold = crate::signals::critical();
-            self.model.save(&self.out.join(BEST))?;
+            if crate::distributed::world().is_root() {
+                let _hold = crate::signals::critical();
+                self.model.save(&self.out.join(BEST))?;
+            }
         }
         Ok(())
     }
@@ -480,7 +524,7 @@ fn final_save(
     cfg: &LoopConfig,
     state: &TrainerState,
     out: &Path,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<()> {
     let final_dir = out.join(obj.final_name());
     if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
         model.load_weights(&out.join(BEST).join("model.safetensors"), &[obj.part()])?;
@@ -492,5 +536,5 @@ fn final_save(
     }
     let _hold = crate::signals::critical();
     model.save(&final_dir)?;
-    Ok(final_dir)
+    Ok(())
 }

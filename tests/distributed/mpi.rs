@@ -1,6 +1,6 @@
 //! The `mpirun -np 2` tests (a build with `--features mpi`).
 
-use super::{common, memgen, stderr};
+use super::{common, stderr};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -91,8 +91,9 @@ impl Setup {
 
     /// One plain process.
     fn one(&self, cmd: &str, out: &Path, extra: &[&str]) -> Command {
-        let mut c = memgen();
-        c.args(self.args(cmd, out, extra));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_memgen"));
+        c.env_remove("MEMGEN_PAUSE_AT_STEP")
+            .args(self.args(cmd, out, extra));
         c
     }
 

@@ -69,8 +69,14 @@ fn per_token_loss(
 /// token counts: grpo 1/(S·len_s) (mean per sequence, then over sequences), bnpo 1/Σlen (the
 /// token mean), dr_grpo 1/(S·max completion length).
 pub fn seq_weights(lens: &[usize], spec: &LossSpec) -> Vec<f64> {
-    let n_seqs = lens.len().max(1) as f64;
-    let total = lens.iter().sum::<usize>().max(1) as f64;
+    seq_weights_over(lens, lens.len(), lens.iter().sum(), spec)
+}
+
+/// [`seq_weights`] of some of a batch's sequences (`lens`), normalised over the whole batch's
+/// `n_seqs` sequences and `total` policy tokens: data-parallel ranks each hold a part.
+pub fn seq_weights_over(lens: &[usize], n_seqs: usize, total: usize, spec: &LossSpec) -> Vec<f64> {
+    let n_seqs = n_seqs.max(1) as f64;
+    let total = total.max(1) as f64;
     lens.iter()
         .map(|&l| match spec.loss_type.as_str() {
             "grpo" => 1.0 / (n_seqs * l.max(1) as f64),

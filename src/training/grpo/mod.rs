@@ -28,7 +28,7 @@ pub use loss::{advantages, seq_weights, sequence_loss, LossSpec};
 pub use policy::{trigger_logprobs, weaver_logprobs, Policy};
 pub use rollout::{eval_reward, prompt_ids, rollouts, Rollout, TriggerRollout};
 
-use super::trainer::{self, loop_config, Session, SingleProcess};
+use super::trainer::{self, loop_config, Objective, Session};
 use crate::config::GrpoConfig;
 use crate::memory::checkpoint::Part;
 use crate::memory::MemGenModel;
@@ -111,6 +111,7 @@ pub fn train_grpo(
         "per_device_train_batch_size must be a multiple of num_generations"
     );
     let mut obj = Grpo::new(model, run, task, env, train, valid);
+    let mut ranks = crate::distributed::Ranks::new(obj.vars());
     let session = Session {
         seed: run.seed,
         out: &run.out,
@@ -124,7 +125,7 @@ pub fn train_grpo(
         &mut obj,
         &loop_config!(&run.cfg),
         &session,
-        &mut SingleProcess,
+        &mut ranks,
     )?;
     Ok(GrpoOutcome {
         steps: done.steps,

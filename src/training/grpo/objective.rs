@@ -9,9 +9,9 @@ use candle_core::{Tensor, Var};
 use rand::Rng;
 use serde_json::json;
 
-use super::loss::{advantages, seq_weights, LossSpec};
+use super::loss::{advantages, seq_weights_over, LossSpec};
 use super::policy::{reference_values, with_values, Policy};
-use super::rollout::{eval_reward, rollouts, Rollout, TriggerRollout};
+use super::rollout::{eval_reward_sums, rollouts, Rollout, TriggerRollout};
 use super::{GrpoRun, Target};
 use crate::backbone::generate::SamplingConfig;
 use crate::backbone::Mode;
@@ -21,13 +21,19 @@ use crate::memory::MemGenModel;
 use crate::tasks::search::SearchEnv;
 use crate::tasks::{Sample, Task};
 use crate::training::step_rng;
-use crate::training::trainer::{Backward, LogLine, Objective, StepBatch, Update, Validation};
+use crate::training::trainer::{
+    Backward, DataParallel, LogLine, Objective, StepBatch, Update, Validation,
+};
 
-/// One micro-batch's rollouts, their advantages, and the log-probs fixed before the updates:
-/// the old policy's (only with several updates) and the reference policy's (only with β > 0).
+/// One micro-batch's rollouts (this process's share), their advantages, their weights in the
+/// whole micro-batch's loss, and the log-probs fixed before the updates: the old policy's (only
+/// with several updates) and the reference policy's (only with β > 0).
 struct Rolled {
     rollouts: Vec<Rollout>,
     adv: Vec<f64>,
+    /// Policy tokens per rollout ([`Policy::len`]), then each rollout's [`seq_weights_over`].
+    lens: Vec<usize>,
+    weights: Vec<f64>,
     old: Option<Vec<Tensor>>,
     reference: Option<Vec<Tensor>>,
 }
@@ -144,29 +150,44 @@ impl<'a> Grpo<'a> {
         }
     }
 
-    /// Roll out micro-batch `j` of step `s` (`accum` micro-batches per step): G rollouts per
-    /// prompt, rewards weighted and group-normalised, log-probs fixed for the updates.
-    fn roll_out(&self, s: usize, accum: usize, j: usize, idx: &[usize]) -> anyhow::Result<Rolled> {
+    /// Roll out this process's prompts `idx` of micro-batch `j` of step `s` (`accum`
+    /// micro-batches per step), which start at position `off` of the whole micro-batch: G
+    /// rollouts per prompt, rewards weighted and group-normalised, log-probs fixed for the
+    /// updates. Each prompt's group is sampled on its own, with the seed of its position in the
+    /// micro-batch, so the rollouts do not depend on how prompts are split over processes (the
+    /// first position's seed is the micro-batch's).
+    fn roll_out(
+        &self,
+        s: usize,
+        accum: usize,
+        j: usize,
+        idx: &[usize],
+        off: usize,
+    ) -> anyhow::Result<Rolled> {
         let cfg = self.cfg;
-        let samples: Vec<&Sample> = idx.iter().map(|&i| &self.train[i]).collect();
-        let sampling = SamplingConfig {
-            temperature: self.token_temperature,
-            top_p: cfg.top_p,
-            top_k: cfg.top_k,
-            max_new_tokens: cfg.max_completion_length,
-            seed: step_rng(self.seed, (s * accum + j) as u64, 0x5A3).random(),
-        };
+        let mut seeds = step_rng(self.seed, (s * accum + j) as u64, 0x5A3);
+        let seeds: Vec<u64> = (0..off + idx.len()).map(|_| seeds.random()).collect();
         let g = cfg.num_generations;
-        let mut rs = rollouts(
-            self.model,
-            self.task,
-            self.env,
-            &samples,
-            g,
-            sampling,
-            cfg.max_prompt_length,
-            self.trig,
-        )?;
+        let mut rs = vec![];
+        for (&i, &seed) in idx.iter().zip(&seeds[off..]) {
+            let sampling = SamplingConfig {
+                temperature: self.token_temperature,
+                top_p: cfg.top_p,
+                top_k: cfg.top_k,
+                max_new_tokens: cfg.max_completion_length,
+                seed,
+            };
+            rs.extend(rollouts(
+                self.model,
+                self.task,
+                self.env,
+                &[&self.train[i]],
+                g,
+                sampling,
+                cfg.max_prompt_length,
+                self.trig,
+            )?);
+        }
         for r in &mut rs {
             r.reward *= self.reward_weight;
         }
@@ -191,9 +212,12 @@ impl<'a> Grpo<'a> {
             Some(v) => Some(with_values(&self.vars, v, || rs.iter().map(one).collect())?),
             None => None,
         };
+        let lens = rs.iter().map(|r| policy.len(r)).collect();
         Ok(Rolled {
             rollouts: rs,
             adv,
+            lens,
+            weights: vec![],
             old,
             reference,
         })
@@ -233,20 +257,40 @@ impl Objective for Grpo<'_> {
     /// The reference policy for β > 0: the starting weights (before any resume).
     fn prepare(&mut self, out: &Path) -> anyhow::Result<()> {
         if self.cfg.beta != 0.0 {
+            // Rank 0 writes the file when it is new; the others then read it (crate::distributed).
+            let world = crate::distributed::world();
             let file = out.join("reference.safetensors");
-            let values = reference_values(&self.vars, self.model, &file, self.target)?;
-            self.reference = Some(values);
+            let mut values = None;
+            if world.is_root() {
+                values = Some(reference_values(&self.vars, self.model, &file, self.target)?);
+            }
+            world.barrier()?;
+            if values.is_none() {
+                values = Some(reference_values(&self.vars, self.model, &file, self.target)?);
+            }
+            self.reference = values;
         }
         Ok(())
     }
 
-    fn begin_step(&mut self, batch: &StepBatch) -> anyhow::Result<()> {
+    fn begin_step(&mut self, batch: &StepBatch, dp: &dyn DataParallel) -> anyhow::Result<()> {
         let t0 = Instant::now();
-        let rolled = batch
+        let mut rolled = batch
             .micro
             .iter()
-            .map(|(j, idx)| self.roll_out(batch.step, batch.accum, *j, idx))
+            .zip(&batch.offset)
+            .map(|((j, idx), &off)| self.roll_out(batch.step, batch.accum, *j, idx, off))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Each loss normalises over the whole micro-batch: its sequences and policy tokens summed
+        // over the processes.
+        let mut counts: Vec<f64> = rolled
+            .iter()
+            .flat_map(|b| [b.lens.len() as f64, b.lens.iter().sum::<usize>() as f64])
+            .collect();
+        dp.sum(&mut counts)?;
+        for (b, c) in rolled.iter_mut().zip(counts.chunks(2)) {
+            b.weights = seq_weights_over(&b.lens, c[0] as usize, c[1] as usize, &self.spec);
+        }
         self.gen_tokens = rolled
             .iter()
             .flat_map(|b| &b.rollouts)
@@ -276,13 +320,11 @@ impl Objective for Grpo<'_> {
             spec: &self.spec,
         };
         let b = &self.rolled[k];
-        let lens: Vec<usize> = b.rollouts.iter().map(|r| policy.len(r)).collect();
-        let w = seq_weights(&lens, &self.spec);
         for (r, ro) in b.rollouts.iter().enumerate() {
             let Some(loss) = policy.loss(
                 ro,
                 b.adv[r],
-                w[r] / batch.n_micro as f64,
+                b.weights[r] / batch.n_micro as f64,
                 b.old.as_ref().map(|o| &o[r]),
                 b.reference.as_ref().map(|v| &v[r]),
                 &mut Mode::Train(&mut rng),
@@ -297,21 +339,37 @@ impl Objective for Grpo<'_> {
         Ok(())
     }
 
-    fn end_step(&mut self) {
+    /// The step's numbers over every process's rollouts: sums first, then the spread around
+    /// the global mean.
+    fn end_step(&mut self, dp: &dyn DataParallel) -> anyhow::Result<()> {
         let all: Vec<&Rollout> = self.rolled.iter().flat_map(|b| &b.rollouts).collect();
-        let n = all.len().max(1) as f64;
-        let mean = |f: &dyn Fn(&Rollout) -> f64| all.iter().map(|r| f(r)).sum::<f64>() / n;
-        let reward = mean(&|r| r.reward);
-        let var = mean(&|r| (r.reward - reward).powi(2));
+        let total = |f: &dyn Fn(&Rollout) -> f64| all.iter().map(|r| f(r)).sum::<f64>();
+        let mut sums = [
+            all.len() as f64,
+            total(&|r| r.reward),
+            total(&|r| r.task_reward),
+            all.iter().map(|r| r.inference_insertions()).sum::<usize>() as f64,
+            all.iter().map(|r| r.generated_tokens()).sum::<usize>() as f64,
+            self.gen_tokens as f64,
+            self.loss_sum,
+        ];
+        dp.sum(&mut sums)?;
+        let n = sums[0].max(1.0);
+        let reward = sums[1] / n;
+        let mut spread = [total(&|r| (r.reward - reward).powi(2))];
+        dp.sum(&mut spread)?;
         self.stats = Stats {
             reward,
-            reward_std: var.sqrt(),
-            task_reward: mean(&|r| r.task_reward),
-            insertions: all.iter().map(|r| r.inference_insertions()).sum::<usize>() as f64 / n,
-            length: all.iter().map(|r| r.generated_tokens()).sum::<usize>() as f64 / n,
+            reward_std: (spread[0] / n).sqrt(),
+            task_reward: sums[2] / n,
+            insertions: sums[3] / n,
+            length: sums[4] / n,
         };
+        self.gen_tokens = sums[5] as usize;
+        self.loss_sum = sums[6];
         self.first_reward.get_or_insert(reward);
         self.last_reward = reward;
+        Ok(())
     }
 
     fn log(&mut self, u: &Update) -> LogLine {
@@ -342,17 +400,20 @@ impl Objective for Grpo<'_> {
         !self.valid.is_empty()
     }
 
-    fn validate(&mut self, step: usize) -> anyhow::Result<Validation> {
+    fn validate(&mut self, step: usize, dp: &dyn DataParallel) -> anyhow::Result<Validation> {
         let cfg = self.cfg;
-        let (vr, vins) = eval_reward(
+        let mut sums = eval_reward_sums(
             self.model,
             self.task,
             self.env,
-            self.valid,
+            &self.valid[dp.share(self.valid.len())],
             cfg.per_device_eval_batch_size,
             cfg.max_completion_length,
             cfg.max_prompt_length,
         )?;
+        dp.sum(&mut sums)?;
+        let n = sums[2].max(1.0);
+        let (vr, vins) = (sums[0] / n, sums[1] / n);
         Ok(Validation {
             // Lower is better for the loop: the reward negated.
             metric: -vr,

@@ -263,6 +263,22 @@ pub fn eval_reward(
     max_new: usize,
     max_prompt: usize,
 ) -> anyhow::Result<(f64, f64)> {
+    let [sum, ins, _] = eval_reward_sums(model, task, env, samples, batch, max_new, max_prompt)?;
+    let n = samples.len().max(1) as f64;
+    Ok((sum / n, ins / n))
+}
+
+/// [`eval_reward`]'s totals: task reward and inference insertions summed, and the sample count
+/// (what data-parallel validation adds up over the ranks).
+pub(crate) fn eval_reward_sums(
+    model: &MemGenModel,
+    task: &dyn Task,
+    env: Option<&SearchEnv>,
+    samples: &[Sample],
+    batch: usize,
+    max_new: usize,
+    max_prompt: usize,
+) -> anyhow::Result<[f64; 3]> {
     let (mut sum, mut ins) = (0f64, 0usize);
     for chunk in samples.chunks(batch.max(1)) {
         let refs: Vec<&Sample> = chunk.iter().collect();
@@ -284,6 +300,5 @@ pub fn eval_reward(
         sum += rs.iter().map(|r| r.task_reward).sum::<f64>();
         ins += rs.iter().map(|r| r.inference_insertions()).sum::<usize>();
     }
-    let n = samples.len().max(1) as f64;
-    Ok((sum / n, ins as f64 / n))
+    Ok([sum, ins as f64, samples.len() as f64])
 }
