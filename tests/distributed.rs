@@ -9,11 +9,15 @@
 
 mod common;
 
-use std::process::{Command, Output};
+#[cfg(not(feature = "mpi"))]
+use std::process::Command;
+use std::process::Output;
 
+#[cfg(not(feature = "mpi"))]
 fn memgen() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_memgen"));
-    c.args(["--threads", "1"]).env_remove("MEMGEN_PAUSE_AT_STEP");
+    c.args(["--threads", "1"])
+        .env_remove("MEMGEN_PAUSE_AT_STEP");
     c
 }
 
@@ -53,7 +57,10 @@ fn a_build_without_mpi_refuses_a_multi_rank_launch() {
     let o = launch("0", "1");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("no-such.yaml") && !err.contains("ranks"), "{err}");
+    assert!(
+        err.contains("no-such.yaml") && !err.contains("ranks"),
+        "{err}"
+    );
     // So is a PMI launch of one; PMI launches of more are refused the same way.
     let o = memgen()
         .args(["eval", "--vanilla", "--config"])

@@ -36,7 +36,9 @@ pub enum Error {
         launcher: &'static str,
     },
     /// MPI_Init failed or MPI was already initialised by someone else.
-    #[error("MPI could not be initialised (already initialised, or the launcher environment is broken)")]
+    #[error(
+        "MPI could not be initialised (already initialised, or the launcher environment is broken)"
+    )]
     Init,
     /// MPI was initialised twice in one process.
     #[error("the process group is already initialised")]
@@ -92,9 +94,21 @@ pub struct Launch {
 /// How this process was launched, when as one of N > 1 ranks.
 pub fn launched_as() -> Option<Launch> {
     const VARS: [(&str, &str, &str); 3] = [
-        ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OpenMPI's mpirun"),
-        ("PMI_SIZE", "PMI_RANK", "a PMI launcher (mpiexec, srun --mpi=pmi2)"),
-        ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MVAPICH's mpirun"),
+        (
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_RANK",
+            "OpenMPI's mpirun",
+        ),
+        (
+            "PMI_SIZE",
+            "PMI_RANK",
+            "a PMI launcher (mpiexec, srun --mpi=pmi2)",
+        ),
+        (
+            "MV2_COMM_WORLD_SIZE",
+            "MV2_COMM_WORLD_RANK",
+            "MVAPICH's mpirun",
+        ),
     ];
     let num = |var: &str| -> Option<usize> { std::env::var(var).ok()?.trim().parse().ok() };
     VARS.iter().find_map(|(size, rank, launcher)| {
@@ -115,9 +129,7 @@ pub fn init() -> Result<Session, Error> {
     {
         if launched_as().is_some() {
             let (universe, world) = mpi_backend::init()?;
-            WORLD
-                .set(world)
-                .map_err(|_| Error::AlreadyInitialised)?;
+            WORLD.set(world).map_err(|_| Error::AlreadyInitialised)?;
             return Ok(Session {
                 _universe: Some(universe),
             });

@@ -123,7 +123,10 @@ mod tests {
         let mut grads = vec![Some(g.clone()), None];
         let vars = [v.clone(), v];
         all_reduce_grads(&World::single(), &vars, &mut grads).unwrap();
-        assert_eq!(grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.5, 0.25]);
+        assert_eq!(
+            grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.5, 0.25]
+        );
         assert!(grads[1].is_none());
     }
 }

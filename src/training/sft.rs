@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::step_rng;
 use super::trainer::{
-    self, loop_config, Backward, LogLine, Objective, Session, DataParallel, StepBatch, Update,
+    self, loop_config, Backward, DataParallel, LogLine, Objective, Session, StepBatch, Update,
     Validation,
 };
 use crate::backbone::Mode;

@@ -478,11 +478,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Validate, log the result, and save `checkpoint-best` when it is the best so far.
-    fn validate(
-        &mut self,
-        obj: &mut dyn Objective,
-        dp: &dyn DataParallel,
-    ) -> anyhow::Result<()> {
+    fn validate(&mut self, obj: &mut dyn Objective, dp: &dyn DataParallel) -> anyhow::Result<()> {
         let step = self.state.step;
         let v = obj.validate(step, dp)?;
         let mut rec = record(step, self.plan.epoch_at(step), self.clock.elapsed());

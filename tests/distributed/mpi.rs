@@ -67,7 +67,14 @@ fn mpirun() -> Command {
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env_remove("MEMGEN_PAUSE_AT_STEP")
-        .args(["--oversubscribe", "--bind-to", "none", "--mca", "btl", "self,vader"]);
+        .args([
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "--mca",
+            "btl",
+            "self,vader",
+        ]);
     c
 }
 
@@ -123,7 +130,12 @@ fn assert_close(a: &Path, b: &Path, tol: f32) {
             .zip(vb)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= tol, "{ka}: differs by {worst} between {} and {}", a.display(), b.display());
+        assert!(
+            worst <= tol,
+            "{ka}: differs by {worst} between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -139,12 +151,20 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
 /// The same logged values (keys named) in both runs' metrics, within `tol`.
 fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], tol: f64) {
     let (ma, mb) = (metrics(a), metrics(b));
-    assert_eq!(ma.len(), mb.len(), "one record per log line, from rank 0 alone");
+    assert_eq!(
+        ma.len(),
+        mb.len(),
+        "one record per log line, from rank 0 alone"
+    );
     for (ra, rb) in ma.iter().zip(&mb) {
         assert_eq!(ra["step"], rb["step"]);
         for k in keys {
             if let (Some(x), Some(y)) = (ra[k].as_f64(), rb[k].as_f64()) {
-                assert!((x - y).abs() <= tol, "{k} at step {}: {x} vs {y}", ra["step"]);
+                assert!(
+                    (x - y).abs() <= tol,
+                    "{k} at step {}: {x} vs {y}",
+                    ra["step"]
+                );
             } else {
                 assert_eq!(ra[k], rb[k], "{k} at step {}", ra["step"]);
             }
@@ -183,7 +203,17 @@ fn two_rank_eval_writes_the_rows_of_one_rank_and_resumes() {
     // Resume: a run cut after 3 rows with a torn fourth, finished by 1 rank and by 2 ranks, ends
     // with the same file.
     let cut = s.out("cut");
-    ok(s.one("eval", &cut, &["--allow-untrained", "--batch-size", "2", "--max-samples", "4"]));
+    ok(s.one(
+        "eval",
+        &cut,
+        &[
+            "--allow-untrained",
+            "--batch-size",
+            "2",
+            "--max-samples",
+            "4",
+        ],
+    ));
     let mut lines: Vec<String> = answers(&cut).lines().map(String::from).collect();
     lines[3].truncate(20);
     std::fs::write(cut.join("evaluate/answers.jsonl"), lines.join("\n")).unwrap();
@@ -230,4 +260,186 @@ fn a_failure_on_one_rank_ends_every_rank() {
         "{err}"
     );
     assert!(!out.join("evaluate/metrics.json").exists());
+}
+
+#[test]
+fn two_ranks_of_sft_train_as_one_rank_with_their_global_batch() {
+    let s = setup();
+    let one = s.out("one");
+    ok(s.one(
+        "weaver-train",
+        &one,
+        &[
+            "--options",
+            "run.weaver.sft.per_device_train_batch_size",
+            "4",
+        ],
+    ));
+    let two = s.out("two");
+    let o = ok(s.ranks(2, "weaver-train", &two, &[]));
+    assert_close(
+        &one.join("weaver/model.safetensors"),
+        &two.join("weaver/model.safetensors"),
+        1e-4,
+    );
+    assert_close(
+        &one.join("checkpoint-last/optimizer.safetensors"),
+        &two.join("checkpoint-last/optimizer.safetensors"),
+        1e-4,
+    );
+    // Sharded validation (5 rows: 2 and 3) reports the global loss; rank 0 alone logs.
+    assert_same_metrics(&one, &two, &["loss", "eval_loss", "lr", "grad_norm"], 1e-4);
+    let m = metrics(&two);
+    assert!(m.iter().filter(|r| r.get("eval_loss").is_some()).count() == 2);
+    assert_ne!(m[0]["loss"], m[2]["loss"], "training moved nothing");
+    let err = stderr(&o);
+    assert_eq!(err.matches("step 3/3 loss").count(), 1, "{err}");
+}
+
+/// Weaver GRPO then trigger GRPO (on the SFT weaver), 2 ranks × 2 prompts against 1 rank × 4:
+/// each prompt's group is sampled on one rank with its own seed, so the rollouts, rewards and
+/// advantages are those of one rank.
+#[test]
+fn two_ranks_of_grpo_train_as_one_rank_with_their_global_batch() {
+    let s = setup();
+    let weaver = s.out("sft");
+    ok(s.one("weaver-train", &weaver, &[]));
+    let weaver_dir = weaver.join("weaver");
+    let w = weaver_dir.to_str().unwrap();
+    let grpo = ["--options", "run.train_weaver_method", "grpo"];
+    for (cmd, extra, key, file) in [
+        (
+            "weaver-train",
+            &grpo[..],
+            "run.weaver.grpo.per_device_train_batch_size",
+            "weaver",
+        ),
+        (
+            "trigger-train",
+            &["--load-model-path", w][..],
+            "run.trigger.grpo.per_device_train_batch_size",
+            "trigger",
+        ),
+    ] {
+        let one = s.out(&format!("{cmd}-one"));
+        let mut args = extra.to_vec();
+        if !args.contains(&"--options") {
+            args.push("--options");
+        }
+        args.extend([key, "8"]);
+        ok(s.one(cmd, &one, &args));
+        let two = s.out(&format!("{cmd}-two"));
+        ok(s.ranks(2, cmd, &two, extra));
+        assert_close(
+            &one.join(file).join("model.safetensors"),
+            &two.join(file).join("model.safetensors"),
+            1e-4,
+        );
+        assert_same_metrics(
+            &one,
+            &two,
+            &[
+                "loss",
+                "reward",
+                "reward_std",
+                "insertions_per_sample",
+                "eval_reward",
+            ],
+            1e-4,
+        );
+        // The trigger's rewards vary with its insertions (the penalty), so its updates move it.
+        // The tiny random reasoner earns the weaver no reward variance: its advantages are 0
+        // and the check above covers its rollouts, rewards and metrics only.
+        if cmd == "trigger-train" {
+            let moved = metrics(&two)
+                .iter()
+                .any(|r| r["grad_norm"].as_f64().unwrap_or(0.0) > 0.0);
+            assert!(moved, "{cmd}: no update had a gradient");
+        }
+    }
+}
+
+/// The processes `mpirun` (pid `parent`) started.
+fn children(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // `pid (comm) state ppid …`: the fields after the command's closing parenthesis.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(1) == Some(&parent.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_two_rank_run_stopped_by_sigterm_resumes() {
+    use std::io::{BufRead, BufReader};
+    let s = setup();
+    let straight = s.out("straight");
+    ok(s.ranks(2, "weaver-train", &straight, &[]));
+    let out = s.out("stopped");
+    let mut child = s
+        .ranks(2, "weaver-train", &out, &[])
+        .env("MEMGEN_PAUSE_AT_STEP", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut err = String::new();
+    let mut paused = 0;
+    while paused < 2 {
+        let line = lines.next().expect("both ranks pause at step 1").unwrap();
+        paused += usize::from(line.contains("paused at step 1"));
+        err.push_str(&line);
+        err.push('\n');
+    }
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "{err}");
+    let t = Instant::now();
+    // Only rank 1 gets the signal: rank 0 learns of it when the ranks agree after the step.
+    // SAFETY: kill(2) on a process mpirun started for this test and has not reaped.
+    let rc = unsafe { libc::kill(ranks[1], libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    // Rank 0 waits in its pause for a signal of its own (the test hook), so it gets one too.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(ranks[0], libc::SIGTERM) }, 0);
+    for line in lines.map_while(Result::ok) {
+        err.push_str(&line);
+        err.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{err}");
+    assert_eq!(
+        err.matches("stopped by SIGTERM after step 1 of 3").count(),
+        1,
+        "{err}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-last/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 1);
+    assert!(!out.join("weaver").exists() && !out.join("checkpoint-last.tmp").exists());
+
+    let o = ok(s.ranks(2, "weaver-train", &out, &[]));
+    assert_eq!(
+        stderr(&o).matches("resuming from").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    for f in [
+        "weaver/model.safetensors",
+        "checkpoint-last/optimizer.safetensors",
+    ] {
+        assert_eq!(
+            common::read_tensors(&straight.join(f)),
+            common::read_tensors(&out.join(f)),
+            "{f}"
+        );
+    }
 }

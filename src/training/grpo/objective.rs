@@ -262,11 +262,21 @@ impl Objective for Grpo<'_> {
             let file = out.join("reference.safetensors");
             let mut values = None;
             if world.is_root() {
-                values = Some(reference_values(&self.vars, self.model, &file, self.target)?);
+                values = Some(reference_values(
+                    &self.vars,
+                    self.model,
+                    &file,
+                    self.target,
+                )?);
             }
             world.barrier()?;
             if values.is_none() {
-                values = Some(reference_values(&self.vars, self.model, &file, self.target)?);
+                values = Some(reference_values(
+                    &self.vars,
+                    self.model,
+                    &file,
+                    self.target,
+                )?);
             }
             self.reference = values;
         }
