@@ -36,8 +36,16 @@ impl DataParallel for Ranks {
         if self.world.size() == 1 {
             return Ok(any);
         }
+        let t = std::time::Instant::now();
         shard::all_reduce_grads(self.world, &self.vars, grads)?;
-        Ok(self.world.any(any)?)
+        let any = self.world.any(any)?;
+        // scripts/bench-distributed.sh reads these (MEMGEN_LOG=memgen::distributed=debug).
+        tracing::debug!(
+            seconds = t.elapsed().as_secs_f64(),
+            values = self.vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+            "gradient all-reduce"
+        );
+        Ok(any)
     }
 
     fn sum(&self, values: &mut [f64]) -> anyhow::Result<()> {
