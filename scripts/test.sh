@@ -12,5 +12,22 @@ if ! command -v bwrap >/dev/null 2>&1; then
         exit 1
     fi
 fi
+# The `mpi` feature's tests (tests/distributed.rs under mpirun) need OpenMPI and bindgen's libclang.
+if ! command -v mpirun >/dev/null 2>&1 || ! pkg-config --exists ompi 2>/dev/null \
+    || ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing OpenMPI, libclang and pkgconf for the mpi feature's tests" >&2
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev pkgconf >/dev/null
+    else
+        echo "error: the mpi tests need OpenMPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev pkgconf" >&2
+        exit 1
+    fi
+fi
 scripts/fetch-model.sh all
 cargo test --release --locked "$@"
+# The MPI build in a target directory of its own, so the default build never links libmpi.
+# As root, OpenMPI needs these to start ranks at all.
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/mpi" \
+    cargo test --release --locked --features mpi --test distributed

@@ -22,6 +22,7 @@ pub mod backbone;
 #[doc(hidden)]
 pub mod cli;
 pub mod config;
+pub mod distributed;
 pub mod memory;
 pub mod retrieval;
 pub mod rollout;

@@ -459,7 +459,9 @@ fn one_step(target: grpo::Target, out: &Path) {
     let run = grpo::GrpoRun {
         cfg,
         target,
-        seed: 3,
+        // Each prompt's group is now sampled with its own seed (data parallelism, docs/DESIGN.md):
+        // seed 3's new draws gave both groups equal rewards (no advantage, no gradient); 4 does not.
+        seed: 4,
         out: out.to_path_buf(),
         resume: None,
         stop_after: None,

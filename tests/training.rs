@@ -14,7 +14,7 @@ use memgen::config::{
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::tasks::{Graded, Message, Sample, Split, Task};
-use memgen::training::grpo::{self, advantages, policy_loss, LossSpec};
+use memgen::training::grpo::{self, advantages, seq_weights, sequence_loss, LossSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::schedule::Schedule;
 use memgen::training::sft::{self, SftRun};
@@ -163,9 +163,49 @@ fn grpo_advantages_by_hand() {
     assert_eq!(u, vec![1.0, -1.0, 0.0]);
 }
 
+/// The GRPO loss of a batch of policy tokens as training computes it: token i belongs to sequence
+/// `seq[i]` (advantage `adv[seq[i]]`), and each sequence adds its [`sequence_loss`] term with its
+/// [`seq_weights`] weight.
+fn batch_loss(
+    new: &[f64],
+    old: &[f64],
+    refl: Option<&[f64]>,
+    adv: &[f64],
+    seq: &[usize],
+    spec: &LossSpec,
+) -> f64 {
+    let t = |v: Vec<f64>| {
+        let n = v.len();
+        Tensor::from_vec(v.into_iter().map(|x| x as f32).collect(), n, &Device::Cpu).unwrap()
+    };
+    let of = |v: &[f64], s: usize| -> Vec<f64> {
+        (0..v.len())
+            .filter(|&i| seq[i] == s)
+            .map(|i| v[i])
+            .collect()
+    };
+    let lens: Vec<usize> = (0..adv.len()).map(|s| of(new, s).len()).collect();
+    let w = seq_weights(&lens, spec);
+    (0..adv.len())
+        .map(|s| {
+            let reference = refl.map(|r| t(of(r, s)));
+            sequence_loss(
+                &t(of(new, s)),
+                Some(&t(of(old, s))),
+                reference.as_ref(),
+                adv[s],
+                w[s],
+                spec,
+            )
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+        })
+        .sum()
+}
+
 #[test]
 fn grpo_losses_by_hand() {
-    let dev = Device::Cpu;
     // Three policy tokens: two of sequence 0 (A = 1), one of sequence 1 (A = −0.5), plus a fourth
     // of sequence 1 whose ratio is clipped from above.
     let new = [-1.0f64, -2.0, -0.5, -1.0];
@@ -182,9 +222,7 @@ fn grpo_losses_by_hand() {
         .collect();
     // Token 3: r = e^0.5 ≈ 1.65, A < 0: min(r·A, 1.2·A) = r·A (unclipped, pessimistic side).
     assert!((per[3] - 0.5 * 0.5f64.exp()).abs() < 1e-12);
-    let t =
-        |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
-    let loss = |ty: &str, beta: f64, refl: Option<&Tensor>| {
+    let loss = |ty: &str, beta: f64, refl: Option<&[f64]>| {
         let spec = LossSpec {
             loss_type: ty.parse().unwrap(),
             eps_low: eps,
@@ -192,10 +230,7 @@ fn grpo_losses_by_hand() {
             beta,
             max_completion_length: 5,
         };
-        policy_loss(&t(&new), &t(&old), refl, &adv, &seq, &spec)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
+        batch_loss(&new, &old, refl, &adv, &seq, &spec)
     };
     let sum: f64 = per.iter().sum();
     assert!((loss("bnpo", 0.0, None) - sum / 4.0).abs() < 1e-6);
@@ -210,7 +245,7 @@ fn grpo_losses_by_hand() {
             d.exp() - d - 1.0
         })
         .sum();
-    let got = loss("bnpo", 0.1, Some(&t(&refv)));
+    let got = loss("bnpo", 0.1, Some(&refv[..]));
     assert!((got - (sum + 0.1 * kl) / 4.0).abs() < 1e-6);
     // Asymmetric clip: ε_high = 0.28 changes the clipped value of an A > 0 token with r > 1.2.
     let spec = LossSpec {
@@ -220,10 +255,7 @@ fn grpo_losses_by_hand() {
         beta: 0.0,
         max_completion_length: 5,
     };
-    let l = policy_loss(&t(&[0.0]), &t(&[-0.5]), None, &[1.0], &[0], &spec)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let l = batch_loss(&[0.0], &[-0.5], None, &[1.0], &[0], &spec);
     assert!((l + 1.28).abs() < 1e-6);
 }
 

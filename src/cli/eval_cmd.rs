@@ -232,7 +232,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     // code 128 + signal; a second one exits at once (after a row write in progress).
     crate::signals::install("finishing the current batch, then stopping");
     let metrics = evaluate(&model, task.as_ref(), &samples, env.as_ref(), &settings)?;
-    println!("{}", serde_json::to_string(&metrics)?);
-    eprintln!("eval: wrote {}", dir.display());
+    if crate::distributed::world().is_root() {
+        println!("{}", serde_json::to_string(&metrics)?);
+        eprintln!("eval: wrote {}", dir.display());
+    }
     Ok(())
 }

@@ -19,7 +19,8 @@ use clap::{Args, Parser, Subcommand};
     about = "MemGen: generative latent memory for LLM agents, on Candle"
 )]
 pub(crate) struct Cli {
-    /// Worker threads for matrix kernels (default: all cores).
+    /// Worker threads for matrix kernels (default: all cores, shared evenly by the MPI ranks
+    /// on this node).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     #[command(subcommand)]
@@ -65,7 +66,22 @@ pub(crate) struct ModelArgs {
 /// Parse arguments, run, and turn any error into one line on stderr and a non-zero exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
+    // Before any thread pool starts: MPI (with the `mpi` feature) or the guard against a
+    // multi-rank launch of a build without it.
+    let _mpi = match crate::distributed::init() {
+        Ok(s) => s,
+        // Every copy of a guarded launch refuses; the one the launcher calls rank 0 says why.
+        Err(crate::distributed::Error::NotBuiltWithMpi { rank, .. }) if rank > 0 => return 1,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let world = crate::distributed::world();
+    let threads = cli
+        .threads
+        .or_else(|| (world.size() > 1).then(|| world.default_threads()));
+    if let Some(n) = threads {
         // Candle's CPU kernels size their thread pools from these variables on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
@@ -74,15 +90,37 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         // A run stopped by a signal says where its checkpoint is, and exits 128 + the signal.
+        // The ranks agree on such stops, so rank 0 alone says it.
         Err(e) if e.is::<crate::signals::Interrupted>() => {
-            eprintln!("{}", one_line(&e));
+            if world.is_root() {
+                eprintln!("{}", one_line(&e));
+            }
             crate::signals::exit_code_of(&e)
         }
-        Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            1
-        }
+        Err(e) => fail_every_rank(&e),
     }
+}
+
+/// Print an error and exit 1; under MPI, end every rank (they may be waiting for this one in a
+/// collective). Rank 0 prints and aborts at once; another rank waits a second first, so that
+/// when every rank hits the same error (bad input), rank 0's abort ends them before they print:
+/// one error line either way.
+fn fail_every_rank(e: &anyhow::Error) -> i32 {
+    let world = crate::distributed::world();
+    if world.size() == 1 {
+        eprintln!("error: {}", one_line(e));
+        return 1;
+    }
+    if !world.is_root() {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    eprintln!(
+        "error (rank {} of {}): {}",
+        world.rank(),
+        world.size(),
+        one_line(e)
+    );
+    world.abort(1)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ pub mod optim;
 pub(crate) mod resume;
 pub mod schedule;
 pub mod sft;
+pub(crate) mod trainer;
 
 use std::path::{Path, PathBuf};
 
@@ -29,9 +30,10 @@ pub fn install_signal_handlers() {
     signals::install("saving a resumable checkpoint after this step");
 }
 
-/// Has a signal asked the run to stop?
-pub fn interrupted() -> bool {
-    signals::requested().is_some()
+/// Has a signal asked the run to stop? Under MPI a collective: every rank calls it once per step
+/// and they agree, so all stop after the same step (a signal may reach only some ranks).
+pub fn interrupted() -> anyhow::Result<bool> {
+    Ok(crate::distributed::world().agree_on_signal()?.is_some())
 }
 
 /// What `trainer_state.json` records beside a checkpoint.
@@ -200,8 +202,9 @@ pub fn checkpoint_after_step(
     stop_after: Option<usize>,
 ) -> anyhow::Result<bool> {
     signals::pause_for_test(state.step);
-    let stop_now = interrupted() || stop_after == Some(state.step);
-    if due || last || stop_now {
+    let stop_now = interrupted()? || stop_after == Some(state.step);
+    // Rank 0 alone writes checkpoints (crate::distributed); all ranks stop together.
+    if (due || last || stop_now) && crate::distributed::world().is_root() {
         let mut st = state.clone();
         st.elapsed = elapsed;
         save_checkpoint(out, model, opt, &st)?;
@@ -349,13 +352,18 @@ pub fn resume_or_start(
         // From here on the checkpoints record the settings this session runs with.
         state.settings = fresh.settings;
     }
-    eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    if crate::distributed::world().is_root() {
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
     Ok(state)
 }
 
 /// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to
 /// stderr as lines).
 pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
+    if !crate::distributed::world().is_root() {
+        return indicatif::ProgressBar::hidden();
+    }
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(&format!(
@@ -368,6 +376,9 @@ pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
 
 /// Make a log line for a hidden progress bar.
 pub fn say(pb: &indicatif::ProgressBar, line: &str) {
+    if !crate::distributed::world().is_root() {
+        return; // rank 0 alone reports progress
+    }
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {
