@@ -9,13 +9,15 @@ if command -v nvcc >/dev/null 2>&1; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: the cuda build needs the CUDA toolkit (nvcc): install it (Debian: apt-get install nvidia-cuda-toolkit from non-free, or NVIDIA's CUDA >= 11.8)" >&2
+    echo "error: the cuda build needs the CUDA toolkit (nvcc): install it (Debian: enable the contrib and non-free components, then apt-get install nvidia-cuda-toolkit; or NVIDIA's CUDA >= 11.8)" >&2
     exit 1
 fi
 list=/etc/apt/sources.list.d/memgen-non-free.sources
-if [ ! -e "$list" ]; then
+# Already installable (the components enabled elsewhere): the sources are left alone.
+if [ ! -e "$list" ] && ! apt-cache policy nvidia-cuda-toolkit 2>/dev/null | grep -q 'Candidate: [0-9]'; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}")
-    tmp=$(mktemp "$list.XXXXXX")
+    # Made beside, not inside, sources.list.d: apt never reads a half-written file.
+    tmp=$(mktemp /etc/apt/.memgen-sources.XXXXXX)
     cat >"$tmp" <<SOURCES
 Types: deb
 URIs: http://deb.debian.org/debian

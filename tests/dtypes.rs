@@ -349,3 +349,84 @@ fn bf16_keeps_trainables_optimiser_and_checkpoints_f32() {
         assert_eq!(t.dtype(), DType::F32, "checkpoint tensor {k}");
     }
 }
+
+fn run(cmd: &mut std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().expect("running a command");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines of `text` that are not blank.
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// `--device cuda:0`: a CPU-only build says in one line to rebuild with `--features cuda`; a CUDA
+/// build either runs (a GPU is present) or fails in one line naming the device, never a panic.
+#[test]
+fn cuda_device_is_one_line_or_runs() {
+    let dir = fixture_dir("qwen3");
+    let (code, out, err) = run(std::process::Command::new(env!("CARGO_BIN_EXE_memgen")).args([
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--device",
+        "cuda:0",
+        "--text",
+        "hi",
+    ]));
+    assert!(!err.contains("panicked"), "{err}");
+    if cfg!(feature = "cuda") && code == 0 {
+        let v: serde_json::Value = serde_json::from_str(&out).expect("score's JSON");
+        assert!(v["top_logits"].is_array(), "{out}");
+        return;
+    }
+    assert_ne!(code, 0, "{out}");
+    let l = lines(&err);
+    assert_eq!(l.len(), 1, "{err:?}");
+    assert!(l[0].starts_with("error: ") && l[0].contains("cuda:0"), "{err}");
+    if !cfg!(feature = "cuda") {
+        assert!(l[0].contains("--features cuda"), "{err}");
+    }
+}
+
+/// Whether the NVIDIA kernel driver lists a GPU on this machine.
+fn gpu_present() -> bool {
+    std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .map(|d| d.count() > 0)
+        .unwrap_or(false)
+}
+
+/// scripts/gpu-check.sh where CUDA sees no GPU ends at once, in one line saying "no CUDA device",
+/// with its documented exit status 3 and nothing built. Run as this machine is when it has no
+/// GPU, and with CUDA_VISIBLE_DEVICES=-1 (which hides every GPU from CUDA) everywhere.
+#[test]
+fn gpu_check_without_a_device_says_so() {
+    let mut envs: Vec<Option<&str>> = vec![Some("-1")];
+    if !gpu_present() {
+        envs.push(None);
+    }
+    for hide in envs {
+        let target = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(common::root().join("scripts/gpu-check.sh"))
+            .env("MEMGEN_CUDA_TARGET_DIR", target.path());
+        match hide {
+            Some(v) => cmd.env("CUDA_VISIBLE_DEVICES", v),
+            None => cmd.env_remove("CUDA_VISIBLE_DEVICES"),
+        };
+        let t = std::time::Instant::now();
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 3, "CUDA_VISIBLE_DEVICES={hide:?}: {out}{err}");
+        let l = lines(&out);
+        assert!(
+            l.len() == 1 && l[0].contains("no CUDA device") && err.is_empty(),
+            "{out:?} {err:?}"
+        );
+        assert!(t.elapsed().as_secs() < 30, "it took {:?}", t.elapsed());
+        assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0, "it built");
+    }
+}
