@@ -124,10 +124,17 @@ fn drift(dtype: DType) -> Drift {
 /// two ids within `flip_gap`): precision may break ties, never pick a clearly worse token.
 fn assert_drift(d: &Drift, worst: f32, top1: f64, flip_gap: f32) {
     // Every prompt position of every fixture, by both paths.
-    assert!(d.positions >= 1000, "only {} positions compared", d.positions);
+    assert!(
+        d.positions >= 1000,
+        "only {} positions compared",
+        d.positions
+    );
     assert!(d.worst <= worst, "worst |Δlogit| {} > {worst}", d.worst);
     let equal = d.top1_equal as f64 / d.positions as f64;
-    assert!(equal >= top1, "top-1 equal at {equal:.4} of positions < {top1}");
+    assert!(
+        equal >= top1,
+        "top-1 equal at {equal:.4} of positions < {top1}"
+    );
     assert!(
         d.widest_flipped_gap <= flip_gap,
         "an argmax moved off a token {} ahead in f32",
@@ -164,7 +171,11 @@ fn bf16_storage_loads_exactly() {
             t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap()
         };
         let pairs = [
-            ("model.embed_tokens.weight", &half.embed_tokens, &full.embed_tokens),
+            (
+                "model.embed_tokens.weight",
+                &half.embed_tokens,
+                &full.embed_tokens,
+            ),
             ("model.norm.weight", &half.norm, &full.norm),
             (
                 "model.layers.0.mlp.down_proj.weight",
@@ -179,7 +190,11 @@ fn bf16_storage_loads_exactly() {
         ];
         for (key, h, f) in pairs {
             let s = &stored[key];
-            assert_eq!(s.dtype(), DType::BF16, "{name}: {key} is not stored in bf16");
+            assert_eq!(
+                s.dtype(),
+                DType::BF16,
+                "{name}: {key} is not stored in bf16"
+            );
             assert_eq!(bits(h), bits(s), "{name}: {key} loaded as bf16");
             assert_eq!(f.dtype(), DType::F32);
             assert_eq!(
@@ -294,7 +309,14 @@ fn bf16_sft_step_tracks_f32() {
         let moved: f32 = full
             .updates
             .iter()
-            .map(|u| u.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+            .map(|u| {
+                u.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
             .fold(0.0, f32::max);
         assert!(moved > 5e-4, "{name}: the step moved nothing ({moved})");
     }
@@ -309,10 +331,19 @@ fn bf16_keeps_trainables_optimiser_and_checkpoints_f32() {
     assert_eq!(m.reasoner.dtype(), DType::BF16);
     assert_eq!(m.reasoner.weights.embed_tokens.dtype(), DType::BF16);
     assert_eq!(m.weaver.backbone.dtype(), DType::BF16);
-    let vars: Vec<Var> = m.weaver_vars().into_iter().chain(m.trigger_vars()).collect();
+    let vars: Vec<Var> = m
+        .weaver_vars()
+        .into_iter()
+        .chain(m.trigger_vars())
+        .collect();
     assert!(m.trigger.is_some() && vars.len() > m.weaver_vars().len());
     for v in &vars {
-        assert_eq!(v.dtype(), DType::F32, "a trainable of shape {:?}", v.shape());
+        assert_eq!(
+            v.dtype(),
+            DType::F32,
+            "a trainable of shape {:?}",
+            v.shape()
+        );
     }
     for g in &step.grads {
         assert_eq!(g.dtype(), DType::F32, "a gradient of shape {:?}", g.shape());
@@ -329,7 +360,12 @@ fn bf16_keeps_trainables_optimiser_and_checkpoints_f32() {
     let store = lg.sum_all().unwrap().backward().unwrap();
     for v in trig.vars() {
         let g = store.get(v.as_tensor()).expect("a trigger gradient");
-        assert_eq!(g.dtype(), DType::F32, "a trigger gradient of shape {:?}", g.shape());
+        assert_eq!(
+            g.dtype(),
+            DType::F32,
+            "a trigger gradient of shape {:?}",
+            g.shape()
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let opt_file = dir.path().join("optimizer.safetensors");
@@ -369,15 +405,17 @@ fn lines(text: &str) -> Vec<&str> {
 #[test]
 fn cuda_device_is_one_line_or_runs() {
     let dir = fixture_dir("qwen3");
-    let (code, out, err) = run(std::process::Command::new(env!("CARGO_BIN_EXE_memgen")).args([
-        "score",
-        "--model",
-        dir.to_str().unwrap(),
-        "--device",
-        "cuda:0",
-        "--text",
-        "hi",
-    ]));
+    let (code, out, err) = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_memgen")).args([
+            "score",
+            "--model",
+            dir.to_str().unwrap(),
+            "--device",
+            "cuda:0",
+            "--text",
+            "hi",
+        ]),
+    );
     assert!(!err.contains("panicked"), "{err}");
     if cfg!(feature = "cuda") && code == 0 {
         let v: serde_json::Value = serde_json::from_str(&out).expect("score's JSON");
@@ -387,7 +425,10 @@ fn cuda_device_is_one_line_or_runs() {
     assert_ne!(code, 0, "{out}");
     let l = lines(&err);
     assert_eq!(l.len(), 1, "{err:?}");
-    assert!(l[0].starts_with("error: ") && l[0].contains("cuda:0"), "{err}");
+    assert!(
+        l[0].starts_with("error: ") && l[0].contains("cuda:0"),
+        "{err}"
+    );
     if !cfg!(feature = "cuda") {
         assert!(l[0].contains("--features cuda"), "{err}");
     }
@@ -427,6 +468,10 @@ fn gpu_check_without_a_device_says_so() {
             "{out:?} {err:?}"
         );
         assert!(t.elapsed().as_secs() < 30, "it took {:?}", t.elapsed());
-        assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0, "it built");
+        assert_eq!(
+            std::fs::read_dir(target.path()).unwrap().count(),
+            0,
+            "it built"
+        );
     }
 }
