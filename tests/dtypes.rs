@@ -6,11 +6,13 @@
 
 mod common;
 
+use common::sequence_logits as logits;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{self, LoadedModel, Mode};
+use memgen::backbone::{self, Mode};
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::sft;
@@ -44,29 +46,6 @@ fn prompts(name: &str) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
-}
-
-/// Logits (L × vocab, as f32) of one unpadded sequence by the given mode's path.
-fn logits(m: &LoadedModel, ids: &[u32], mode: &mut Mode) -> Vec<Vec<f32>> {
-    let dev = Device::Cpu;
-    let mask = vec![vec![1u8; ids.len()]];
-    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev).unwrap();
-    let x = m
-        .backbone
-        .embed(&Tensor::from_vec(ids.to_vec(), (1, ids.len()), &dev).unwrap())
-        .unwrap();
-    let h = m.backbone.forward(&x, &mask, &pos, None, mode).unwrap();
-    let lg = match mode {
-        Mode::Infer => m.backbone.logits_infer(&h),
-        _ => m.backbone.logits(&h),
-    };
-    lg.unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
 }
 
 fn argmax(row: &[f32]) -> usize {
