@@ -240,3 +240,32 @@ pub fn read_tensors(p: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// Logits (L × vocab, as f32 whatever the model's dtype) of one unpadded sequence, by the given
+/// mode's path: the fused inference kernels for `Mode::Infer`, the differentiable ops otherwise.
+pub fn sequence_logits(
+    m: &memgen::backbone::LoadedModel,
+    ids: &[u32],
+    mode: &mut memgen::backbone::Mode,
+) -> Vec<Vec<f32>> {
+    use memgen::backbone::model::{positions_from_mask, positions_tensor};
+    let dev = Device::Cpu;
+    let mask = vec![vec![1u8; ids.len()]];
+    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev).unwrap();
+    let x = m
+        .backbone
+        .embed(&Tensor::from_vec(ids.to_vec(), (1, ids.len()), &dev).unwrap())
+        .unwrap();
+    let h = m.backbone.forward(&x, &mask, &pos, None, mode).unwrap();
+    let lg = match mode {
+        memgen::backbone::Mode::Infer => m.backbone.logits_infer(&h),
+        _ => m.backbone.logits(&h),
+    };
+    lg.unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
