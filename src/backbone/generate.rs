@@ -5,7 +5,8 @@ use candle_core::{DType, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::model::{positions_from_mask, positions_tensor, Backbone, Mode};
+use super::model::{Backbone, Mode};
+use super::stream::{Side, Stream};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,18 +192,9 @@ pub fn generate(
         };
         crate::memory::limits::check_backbone(model, "model", &what, budget, false)?;
     }
-    let dev = model.device().clone();
-    let (ids, mask) = left_pad(prompts, pad_id);
     let mut cache = model.new_cache(b);
-    let pos = positions_from_mask(&mask, &vec![0; b]);
-    let x = model.embed(&ids_tensor(&ids, &dev)?)?;
-    let hidden = model.forward(
-        &x,
-        &mask,
-        &positions_tensor(&pos, &dev)?,
-        Some(&mut cache),
-        &mut Mode::Infer,
-    )?;
+    let prefill = Stream::tokens(model, prompts, pad_id, Side::Left)?;
+    let hidden = model.forward(&prefill, Some(&mut cache), &mut Mode::Infer)?;
     let l = hidden.dim(1)?;
     let mut last = hidden.i((.., l - 1..l, ..))?;
     let mut out: Vec<Generated> = vec![
@@ -241,10 +233,10 @@ pub fn generate(
         {
             break;
         }
-        let x = model.embed(&Tensor::from_vec(step, (b, 1), &dev)?)?;
-        let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
-        let m = vec![vec![1u8]; b];
-        last = model.forward(&x, &m, &pos, Some(&mut cache), &mut Mode::Infer)?;
+        let ids: Vec<Vec<u32>> = step.iter().map(|&t| vec![t]).collect();
+        let pos = next_pos.iter().map(|&p| vec![p]).collect();
+        let x = Stream::from_ids(model, &ids, vec![vec![1u8]; b], pos)?;
+        last = model.forward(&x, Some(&mut cache), &mut Mode::Infer)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
     }
     Ok(out)

@@ -10,6 +10,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod packed;
+pub mod stream;
 pub mod tokenizer;
 pub mod weights;
 
@@ -21,6 +22,7 @@ use candle_core::{DType, Device};
 pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
+pub use stream::{Side, Stream, StreamError};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
 
