@@ -50,10 +50,7 @@ impl Stream {
     /// A stream from its three pieces: `embeds` B × L × d, `mask` and `positions` B rows of L.
     pub fn new(embeds: Tensor, mask: Vec<Vec<u8>>, positions: Vec<Vec<u32>>) -> Result<Stream> {
         let (b, l, _) = embeds.dims3()?;
-        let fits = |n: usize, lens: &mut dyn Iterator<Item = usize>| n == b && lens.all(|x| x == l);
-        if !fits(mask.len(), &mut mask.iter().map(Vec::len))
-            || !fits(positions.len(), &mut positions.iter().map(Vec::len))
-        {
+        if !is_grid(&mask, b, l) || !is_grid(&positions, b, l) {
             return Err(StreamError::Shape(format!(
                 "embeddings are {b} × {l}, mask and positions must be {b} rows of {l}"
             )));
@@ -359,6 +356,11 @@ pub fn positions_from_mask(mask: &[Vec<u8>], start: &[u32]) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// `rows` is `b` rows of `l`.
+fn is_grid<T>(rows: &[Vec<T>], b: usize, l: usize) -> bool {
+    rows.len() == b && rows.iter().all(|r| r.len() == l)
 }
 
 fn real_count(mask: &[u8]) -> u32 {
