@@ -1,7 +1,7 @@
 //! Batched generation for the plain backbone: left-padded prompts, one prefill, then KV-cached
 //! decoding with greedy or temperature / top-k / top-p sampling from a seeded RNG.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, IndexOp};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -124,34 +124,6 @@ pub fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// Left-pad token rows: (ids, mask).
-pub fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
-    let max = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let ids = rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![pad_id; max - r.len()];
-            v.extend_from_slice(r);
-            v
-        })
-        .collect();
-    let mask = rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; max - r.len()];
-            v.extend(std::iter::repeat_n(1u8, r.len()));
-            v
-        })
-        .collect();
-    (ids, mask)
-}
-
-pub fn ids_tensor(ids: &[Vec<u32>], device: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let b = ids.len();
-    let l = ids.first().map(|r| r.len()).unwrap_or(0);
-    Tensor::from_vec(ids.concat(), (b, l), device)
 }
 
 /// One generated sequence.

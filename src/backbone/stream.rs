@@ -225,10 +225,20 @@ impl Stream {
         }
         let embeds: Vec<&Tensor> = parts.iter().map(|p| &p.embeds).collect();
         let mask = (0..b)
-            .map(|r| parts.iter().flat_map(|p| p.mask[r].iter().copied()).collect())
+            .map(|r| {
+                parts
+                    .iter()
+                    .flat_map(|p| p.mask[r].iter().copied())
+                    .collect()
+            })
             .collect();
         let positions = (0..b)
-            .map(|r| parts.iter().flat_map(|p| p.positions[r].iter().copied()).collect())
+            .map(|r| {
+                parts
+                    .iter()
+                    .flat_map(|p| p.positions[r].iter().copied())
+                    .collect()
+            })
             .collect();
         Stream::new(Tensor::cat(&embeds, 1)?, mask, positions)
     }
@@ -237,7 +247,9 @@ impl Stream {
     pub fn pad(&self, len: usize, side: Side) -> Result<Stream> {
         let (b, l, d) = self.embeds.dims3()?;
         if len < l {
-            return Err(StreamError::Shape(format!("cannot pad {l} inputs to {len}")));
+            return Err(StreamError::Shape(format!(
+                "cannot pad {l} inputs to {len}"
+            )));
         }
         if len == l {
             return Ok(self.clone());

@@ -61,7 +61,10 @@ fn rows_are_padded_with_zeros_on_the_chosen_side() {
     let left = Stream::from_rows(&pieces, Side::Left, &[5, 0, 9], (2, DType::F32), &dev).unwrap();
     assert_eq!((left.batch(), left.len()), (3, 3));
     assert_eq!(left.mask(), &[vec![1, 1, 1], vec![0, 0, 1], vec![0, 0, 0]]);
-    assert_eq!(left.positions(), &[vec![5, 6, 7], vec![0, 0, 0], vec![0; 3]]);
+    assert_eq!(
+        left.positions(),
+        &[vec![5, 6, 7], vec![0, 0, 0], vec![0; 3]]
+    );
     let v = rows(left.embeds());
     assert_eq!(v[0], vec![vec![1.0; 2], vec![2.0; 2], vec![2.0; 2]]);
     assert_eq!(v[1], vec![vec![0.0; 2], vec![0.0; 2], vec![3.0; 2]]);
@@ -69,12 +72,21 @@ fn rows_are_padded_with_zeros_on_the_chosen_side() {
 
     let right = Stream::from_rows(&pieces, Side::Right, &[5, 4, 9], (2, DType::F32), &dev).unwrap();
     assert_eq!(right.mask(), &[vec![1, 1, 1], vec![1, 0, 0], vec![0, 0, 0]]);
-    assert_eq!(right.positions(), &[vec![5, 6, 7], vec![4, 0, 0], vec![0; 3]]);
+    assert_eq!(
+        right.positions(),
+        &[vec![5, 6, 7], vec![4, 0, 0], vec![0; 3]]
+    );
     assert_eq!(rows(right.embeds())[1][0], vec![3.0; 2]);
 
     // Nothing in any row: an empty stream, still B rows.
-    let empty = Stream::from_rows(&[vec![], vec![]], Side::Left, &[0, 0], (2, DType::F32), &dev)
-        .unwrap();
+    let empty = Stream::from_rows(
+        &[vec![], vec![]],
+        Side::Left,
+        &[0, 0],
+        (2, DType::F32),
+        &dev,
+    )
+    .unwrap();
     assert!(empty.is_empty());
     assert_eq!(empty.batch(), 2);
 }
@@ -82,7 +94,12 @@ fn rows_are_padded_with_zeros_on_the_chosen_side() {
 #[test]
 fn pad_and_cat_join_rows_in_time() {
     let a = Stream::from_mask(grid(2, 2, 1), vec![vec![0, 1], vec![1, 1]], &[0, 0]).unwrap();
-    let b = Stream::new(grid(2, 1, 1), vec![vec![1], vec![0]], vec![vec![1], vec![9]]).unwrap();
+    let b = Stream::new(
+        grid(2, 1, 1),
+        vec![vec![1], vec![0]],
+        vec![vec![1], vec![9]],
+    )
+    .unwrap();
     let c = Stream::cat(&[a.clone(), b]).unwrap();
     assert_eq!(c.mask(), &[vec![0, 1, 1], vec![1, 1, 0]]);
     assert_eq!(c.positions(), &[vec![0, 0, 1], vec![0, 1, 9]]);
@@ -95,7 +112,10 @@ fn pad_and_cat_join_rows_in_time() {
     );
     let l = a.pad(4, Side::Left).unwrap();
     assert_eq!(l.mask(), &[vec![0, 0, 0, 1], vec![0, 0, 1, 1]]);
-    assert_eq!(rows(l.embeds())[1], vec![vec![0.0], vec![0.0], vec![100.0], vec![110.0]]);
+    assert_eq!(
+        rows(l.embeds())[1],
+        vec![vec![0.0], vec![0.0], vec![100.0], vec![110.0]]
+    );
     let r = a.pad(3, Side::Right).unwrap();
     assert_eq!(r.positions(), &[vec![0, 0, 0], vec![0, 1, 0]]);
     assert!(a.pad(1, Side::Left).is_err());
@@ -117,8 +137,12 @@ fn latents_go_after_the_stream_only_in_the_rows_that_take_them() {
 
 #[test]
 fn rows_can_be_selected_and_masked_out() {
-    let s = Stream::from_mask(grid(3, 2, 1), vec![vec![1, 1], vec![0, 1], vec![1, 1]], &[0; 3])
-        .unwrap();
+    let s = Stream::from_mask(
+        grid(3, 2, 1),
+        vec![vec![1, 1], vec![0, 1], vec![1, 1]],
+        &[0; 3],
+    )
+    .unwrap();
     let sel = s.select_rows(&[2, 1]).unwrap();
     assert_eq!(sel.mask(), &[vec![1, 1], vec![0, 1]]);
     assert_eq!(sel.positions(), &[vec![0, 1], vec![0, 0]]);

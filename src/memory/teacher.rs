@@ -123,9 +123,13 @@ impl MemGenModel {
             for (r, n) in n_real.iter_mut().enumerate() {
                 *n += ctx.real_len(r) as u32;
             }
-            let kinds: Vec<Option<Kind>> =
-                rows.iter().map(|row| row.points.get(round).map(|p| p.kind)).collect();
-            let out = self.weaver.weave(&mut cache, Some(&ctx), &kinds, &n_real, mode)?;
+            let kinds: Vec<Option<Kind>> = rows
+                .iter()
+                .map(|row| row.points.get(round).map(|p| p.kind))
+                .collect();
+            let out = self
+                .weaver
+                .weave(&mut cache, Some(&ctx), &kinds, &n_real, mode)?;
             let k_max = out.dim(1)?;
             for (r, kind) in kinds.iter().enumerate() {
                 if let Some(kind) = kind {
@@ -232,7 +236,10 @@ fn rest_of_row(
     for (j, pt) in row.points.iter().enumerate() {
         if let Some(lat) = latents.get(j).filter(|l| l.dim(0).is_ok_and(|k| k > 0)) {
             pieces.push(lat.clone());
-            slots.extend(std::iter::repeat_n(Slot::Latent { before: pt.pos }, lat.dim(0)?));
+            slots.extend(std::iter::repeat_n(
+                Slot::Latent { before: pt.pos },
+                lat.dim(0)?,
+            ));
         }
         let end = row.points.get(j + 1).map_or(row.tokens.len(), |p| p.pos);
         pieces.push(emb.i(pt.pos..end)?);

@@ -85,13 +85,18 @@ impl Weaver {
     ) -> anyhow::Result<Tensor> {
         let dtype = self.backbone.dtype();
         let ctx = match ctx.filter(|c| !c.is_empty()) {
-            Some(c) => Some(c.map_embeds(|x| self.reasoner_to_weaver.forward(&x.to_dtype(dtype)?))?),
+            Some(c) => {
+                Some(c.map_embeds(|x| self.reasoner_to_weaver.forward(&x.to_dtype(dtype)?))?)
+            }
             None => None,
         };
         let l_ctx = ctx.as_ref().map_or(0, Stream::len);
         let queries = self.query_block(kinds, query_start)?;
         let k_max = queries.len();
-        let parts: Vec<Stream> = ctx.into_iter().chain((k_max > 0).then_some(queries)).collect();
+        let parts: Vec<Stream> = ctx
+            .into_iter()
+            .chain((k_max > 0).then_some(queries))
+            .collect();
         let d_r = self.weaver_to_reasoner.weight.dims()[0];
         let none = || Tensor::zeros((kinds.len(), 0, d_r), dtype, self.device());
         if parts.is_empty() {
@@ -115,7 +120,11 @@ impl Weaver {
     fn query_block(&self, kinds: &[Option<Kind>], query_start: &[u32]) -> anyhow::Result<Stream> {
         let pieces: Vec<Vec<Tensor>> = kinds
             .iter()
-            .map(|k| k.iter().map(|&k| self.queries(k).as_tensor().clone()).collect())
+            .map(|k| {
+                k.iter()
+                    .map(|&k| self.queries(k).as_tensor().clone())
+                    .collect()
+            })
             .collect();
         let width = (self.backbone.hidden_size(), self.backbone.dtype());
         Ok(Stream::from_rows(

@@ -204,14 +204,11 @@ impl<'a> Run<'a> {
             .filter(|&r| {
                 let o = &self.out[r];
                 let since = o.insertions.last().map_or(0, |i| i.token_index);
-                step.live[r]
-                    && self.open(r, 0)
-                    && o.tokens.len() >= since + self.opts.min_gap
-                    && {
-                        let mut full = self.prompts[r].clone();
-                        full.extend_from_slice(&o.tokens);
-                        self.m.boundary.is_boundary(&full)
-                    }
+                step.live[r] && self.open(r, 0) && o.tokens.len() >= since + self.opts.min_gap && {
+                    let mut full = self.prompts[r].clone();
+                    full.extend_from_slice(&o.tokens);
+                    self.m.boundary.is_boundary(&full)
+                }
             })
             .collect()
     }
