@@ -10,7 +10,7 @@
 //! - `mask`: B rows of L bytes, 1 = real input, 0 = padding (or a slot the row does not take);
 //! - `positions`: B rows of L position ids; padding gets 0, as Hugging Face gives it.
 //!
-//! Latents take positions like tokens (docs/DESIGN.md, "Splicing latents into the stream").
+//! Latents take positions like tokens (docs/DESIGN.md, "Weaving a memory", step 5).
 
 use candle_core::{DType, Device, Tensor};
 
