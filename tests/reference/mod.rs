@@ -96,7 +96,9 @@ pub fn ref_generate(
                 Some(tr) => {
                     let pos = vec![(0..full.len() as u32).collect::<Vec<_>>()];
                     let mask = vec![vec![1u8; full.len()]];
-                    let ids = Stream::from_ids(&tr.backbone, &[full.clone()], mask, pos).unwrap();
+                    let ids =
+                        Stream::from_ids(&tr.backbone, std::slice::from_ref(&full), mask, pos)
+                            .unwrap();
                     let lg = tr.logits(&ids, None, &mut Mode::Infer).unwrap();
                     let last = lg.i((0, full.len() - 1)).unwrap().to_vec1::<f32>().unwrap();
                     argmax(&last) == 1
