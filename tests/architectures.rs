@@ -11,8 +11,7 @@ use common::sequence_logits as logits;
 
 use candle_core::{DType, Device, Tensor};
 use memgen::backbone::generate::{generate, Sampler, SamplingConfig};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{self, Arch, Mode};
+use memgen::backbone::{self, Arch, Mode, Stream};
 
 const TOL: f32 = 2e-4;
 
@@ -223,17 +222,8 @@ fn linear_rope_scaling_matches_the_literal_decoder() {
     let x = reference::embed_ids(&bb, &ids);
     let want = reference::literal_forward(&bb, &x);
     let got = reference::full_forward_mode(&bb, &x, &mut Mode::Grad);
-    let fast = bb.forward(
-        &x.unsqueeze(0).unwrap(),
-        &[vec![1u8; ids.len()]],
-        &positions_tensor(
-            &positions_from_mask(&[vec![1u8; ids.len()]], &[0]),
-            &Device::Cpu,
-        )
-        .unwrap(),
-        None,
-        &mut Mode::Infer,
-    );
+    let one = Stream::from_mask(x.unsqueeze(0).unwrap(), vec![vec![1u8; ids.len()]], &[0]);
+    let fast = bb.forward(&one.unwrap(), None, &mut Mode::Infer);
     let fast = fast.unwrap().squeeze(0).unwrap();
     for (what, h) in [("graph", &got), ("infer", &fast)] {
         let d = common::max_abs_diff(&bb.logits(h).unwrap(), &bb.logits(&want).unwrap());

@@ -11,8 +11,7 @@ use common::sequence_logits as logits;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{self, Mode};
+use memgen::backbone::{self, Mode, Side, Stream};
 use memgen::memory::checkpoint::Part;
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -332,12 +331,8 @@ fn bf16_keeps_trainables_optimiser_and_checkpoints_f32() {
     }
     // The trigger's gradients too (its head and LoRA), through a bf16 backbone.
     let trig = m.trigger.as_ref().unwrap();
-    let mask = vec![vec![1u8; 3]];
-    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &Device::Cpu).unwrap();
-    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
-    let lg = trig
-        .logits(&ids, &mask, &pos, None, &mut Mode::Grad)
-        .unwrap();
+    let tokens = Stream::tokens(&trig.backbone, &[vec![1u32, 2, 3]], 0, Side::Left).unwrap();
+    let lg = trig.logits(&tokens, None, &mut Mode::Grad).unwrap();
     assert_eq!(lg.dtype(), DType::F32);
     let store = lg.sum_all().unwrap().backward().unwrap();
     for v in &trigger_vars {

@@ -13,6 +13,7 @@ pub(crate) mod lora;
 pub mod model;
 pub(crate) mod ops;
 pub(crate) mod packed;
+pub mod stream;
 pub(crate) mod tokenizer;
 pub(crate) mod weights;
 
@@ -24,6 +25,7 @@ use candle_core::{DType, Device};
 pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
+pub use stream::{Side, Stream, StreamError};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
 

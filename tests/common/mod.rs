@@ -248,15 +248,9 @@ pub fn sequence_logits(
     ids: &[u32],
     mode: &mut memgen::backbone::Mode,
 ) -> Vec<Vec<f32>> {
-    use memgen::backbone::model::{positions_from_mask, positions_tensor};
-    let dev = Device::Cpu;
-    let mask = vec![vec![1u8; ids.len()]];
-    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev).unwrap();
-    let x = m
-        .backbone
-        .embed(&Tensor::from_vec(ids.to_vec(), (1, ids.len()), &dev).unwrap())
-        .unwrap();
-    let h = m.backbone.forward(&x, &mask, &pos, None, mode).unwrap();
+    use memgen::backbone::{Side, Stream};
+    let x = Stream::tokens(&m.backbone, &[ids.to_vec()], 0, Side::Left).unwrap();
+    let h = m.backbone.forward(&x, None, mode).unwrap();
     let lg = match mode {
         memgen::backbone::Mode::Infer => m.backbone.logits_infer(&h),
         _ => m.backbone.logits(&h),

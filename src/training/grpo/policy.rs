@@ -8,8 +8,7 @@ use candle_core::{DType, Tensor, Var, D};
 use super::loss::{sequence_loss, LossSpec};
 use super::rollout::Rollout;
 use super::Target;
-use crate::backbone::model::positions_tensor;
-use crate::backbone::Mode;
+use crate::backbone::{Mode, Side, Stream};
 use crate::memory::teacher::TfRow;
 use crate::memory::MemGenModel;
 
@@ -42,21 +41,6 @@ pub fn trigger_logprobs(
     let dev = model.reasoner.device().clone();
     let b = rolls.len();
     let l = rolls.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
-    let mut ids = vec![];
-    let mut mask = vec![];
-    let mut pos = vec![];
-    for r in rolls {
-        let s = &r.tokens;
-        let mut v = s.clone();
-        v.resize(l, model.tokenizer.pad_id);
-        ids.extend(v);
-        let mut m = vec![1u8; s.len()];
-        m.resize(l, 0);
-        mask.push(m);
-        let mut p: Vec<u32> = (0..s.len() as u32).collect();
-        p.resize(l, 0);
-        pos.push(p);
-    }
     let mut sel = vec![];
     let mut act = vec![];
     let mut seq = vec![];
@@ -77,13 +61,10 @@ pub fn trigger_logprobs(
         return Ok((Tensor::zeros(0, DType::F32, &dev)?, seq));
     }
     // Only rows with decisions need reading, but keeping the batch whole keeps indices simple.
-    let lg = trig.logits(
-        &Tensor::from_vec(ids, (b, l), &dev)?,
-        &mask,
-        &positions_tensor(&pos, &dev)?,
-        None,
-        mode,
-    )?;
+    let tokens: Vec<Vec<u32>> = rolls.iter().map(|r| r.tokens.clone()).collect();
+    let pad = model.tokenizer.pad_id;
+    let stream = Stream::tokens(&trig.backbone, &tokens, pad, Side::Right)?;
+    let lg = trig.logits(&stream, None, mode)?;
     let t = if temperature > 0.0 { temperature } else { 1.0 };
     let n = sel.len();
     let lg = (lg
