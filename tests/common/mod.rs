@@ -263,3 +263,22 @@ pub fn sequence_logits(
         .to_vec2::<f32>()
         .unwrap()
 }
+
+/// A tiny qwen2 model directory and a work directory holding the run config `write` puts there
+/// (`write(work_dir, model_dir)` returns the config's path): the start of every end-to-end run test.
+pub struct RunSetup {
+    pub _model: tempfile::TempDir,
+    pub work: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+pub fn run_setup(write: fn(&std::path::Path, &std::path::Path) -> PathBuf) -> RunSetup {
+    let (model, _) = tiny_hf_dir("qwen2");
+    let work = tempfile::tempdir().unwrap();
+    let config = write(work.path(), model.path());
+    RunSetup {
+        _model: model,
+        work,
+        config,
+    }
+}
