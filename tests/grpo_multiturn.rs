@@ -22,6 +22,7 @@ use memgen::retrieval::server::{BackgroundServer, ServerOptions};
 use memgen::tasks::search::SearchEnv;
 use memgen::tasks::{build_task, render_chatml, Message, Sample, Split, Task, TaskConfig};
 use memgen::training::grpo::{self, LossSpec, Policy, Rollout};
+use memgen::training::Session;
 
 /// Words of the corpus below, one per search word (a vocabulary maps each word to one id).
 const QUERIES: [&str; 12] = [
@@ -456,12 +457,7 @@ fn one_step(target: grpo::Target, out: &Path) {
     let run = grpo::GrpoRun {
         cfg,
         target,
-        seed: 3,
-        out: out.to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(3, out),
     };
     let o = grpo::train_grpo(&m, &run, setup.task.as_ref(), Some(&env), &setup.train, &[]).unwrap();
     assert_eq!(o.steps, 1);
@@ -516,12 +512,7 @@ fn grpo_without_the_search_environment_is_an_error() {
             ..GrpoConfig::default()
         },
         target: grpo::Target::Weaver,
-        seed: 1,
-        out: dir.path().to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(1, dir.path()),
     };
     let err = grpo::train_grpo(&m, &run, setup.task.as_ref(), None, &setup.train, &[])
         .unwrap_err()

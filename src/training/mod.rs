@@ -13,6 +13,8 @@ pub mod schedule;
 pub mod sft;
 pub(crate) mod trainer;
 
+pub use trainer::Session;
+
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
