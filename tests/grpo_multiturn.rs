@@ -22,6 +22,7 @@ use memgen::retrieval::server::{BackgroundServer, ServerOptions};
 use memgen::tasks::search::SearchEnv;
 use memgen::tasks::{build_task, render_chatml, Message, Sample, Split, Task, TaskConfig};
 use memgen::training::grpo::{self, LossSpec, Policy, Rollout};
+use memgen::training::Session;
 
 /// Words of the corpus below, one per search word (a vocabulary maps each word to one id).
 const QUERIES: [&str; 12] = [
@@ -461,12 +462,7 @@ fn one_step(target: grpo::Target, out: &Path) {
         target,
         // Each prompt's group is now sampled with its own seed (data parallelism, docs/DESIGN.md):
         // seed 3's new draws gave both groups equal rewards (no advantage, no gradient); 4 does not.
-        seed: 4,
-        out: out.to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(4, out),
     };
     let o = grpo::train_grpo(&m, &run, setup.task.as_ref(), Some(&env), &setup.train, &[]).unwrap();
     assert_eq!(o.steps, 1);
@@ -524,12 +520,7 @@ fn grpo_without_the_search_environment_is_an_error() {
             ..GrpoConfig::default()
         },
         target: grpo::Target::Weaver,
-        seed: 1,
-        out: dir.path().to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(1, dir.path()),
     };
     let err = grpo::train_grpo(&m, &run, setup.task.as_ref(), None, &setup.train, &[])
         .unwrap_err()

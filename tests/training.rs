@@ -18,6 +18,7 @@ use memgen::training::grpo::{self, advantages, seq_weights, sequence_loss, LossS
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::schedule::Schedule;
 use memgen::training::sft::{self, SftRun};
+use memgen::training::Session;
 use rand::SeedableRng;
 
 fn tiny_memgen(trigger: bool) -> MemGenModel {
@@ -271,12 +272,7 @@ fn tiny_model_overfits_four_samples() {
     let before = sft::eval_loss(&m, &r, 4).unwrap();
     let run = SftRun {
         cfg,
-        seed: 1,
-        out: dir.path().to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(1, dir.path()),
     };
     let o = sft::train_sft(&m, &run, &r, &r).unwrap();
     let after = sft::eval_loss(&m, &r, 4).unwrap();
@@ -314,12 +310,10 @@ fn sft_resume_case(q: f64) {
                 insertion_probability: q,
                 ..sft_cfg(6, 5e-3)
             },
-            seed: 3,
-            out: out.to_path_buf(),
-            resume: None,
-            stop_after: stop,
-            settings: None,
-            resume_anyway: false,
+            session: Session {
+                stop_after: stop,
+                ..Session::new(3, out)
+            },
         };
         sft::train_sft(&m, &run, &r, &r[..2]).unwrap()
     };
@@ -452,12 +446,10 @@ fn grpo_runs_and_resumes_bit_identically() {
             let run = grpo::GrpoRun {
                 cfg: grpo_cfg(),
                 target,
-                seed: 5,
-                out: out.to_path_buf(),
-                resume: None,
-                stop_after: stop,
-                settings: None,
-                resume_anyway: false,
+                session: Session {
+                    stop_after: stop,
+                    ..Session::new(5, out)
+                },
             };
             grpo::train_grpo(&m, &run, &Toy, None, &data, &[]).unwrap()
         };

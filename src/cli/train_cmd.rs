@@ -127,6 +127,14 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let train_samples = task.load(Split::Train)?;
     let valid_samples = task.load(Split::Valid).unwrap_or_default();
 
+    let session = |kind: &str| -> anyhow::Result<training::Session> {
+        Ok(training::Session {
+            resume: args.resume.clone(),
+            settings: Some(resume::settings(&cfg, kind)?),
+            resume_anyway: args.resume_anyway,
+            ..training::Session::new(cfg.run.seed, out.clone())
+        })
+    };
     match (which, method) {
         (Which::Weaver, TrainMethod::Sft) => {
             let s = &cfg.run.weaver.sft;
@@ -144,12 +152,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             );
             let run = sft::SftRun {
                 cfg: s.clone(),
-                seed: cfg.run.seed,
-                out: out.clone(),
-                resume: args.resume.clone(),
-                stop_after: None,
-                settings: Some(resume::settings(&cfg, "sft")?),
-                resume_anyway: args.resume_anyway,
+                session: session("sft")?,
             };
             let o = sft::train_sft(&model, &run, &tr, &va)?;
             println!(
@@ -195,12 +198,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             let run = grpo::GrpoRun {
                 cfg: g.clone(),
                 target,
-                seed: cfg.run.seed,
-                out: out.clone(),
-                resume: args.resume.clone(),
-                stop_after: None,
-                settings: Some(resume::settings(&cfg, target.kind())?),
-                resume_anyway: args.resume_anyway,
+                session: session(target.kind())?,
             };
             eprintln!(
                 "{} grpo on {}: {} train prompts, {} validation prompts → {}",

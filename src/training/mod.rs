@@ -1,4 +1,5 @@
 //! Training: weaver SFT, weaver GRPO and trigger GRPO (docs/DESIGN.md, "The SFT loss", "GRPO").
+//! All three run through one loop, [`trainer`]; [`sft`] and [`grpo`] supply its objective.
 //!
 //! Everything a run needs to continue exactly where it stopped is a pure function of the step
 //! number and the seed (data order, dropout and sampling RNGs) plus what a checkpoint stores
@@ -12,6 +13,8 @@ pub(crate) mod resume;
 pub mod schedule;
 pub mod sft;
 pub(crate) mod trainer;
+
+pub use trainer::Session;
 
 use std::path::{Path, PathBuf};
 

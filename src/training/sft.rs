@@ -162,17 +162,7 @@ pub fn text_row(model: &MemGenModel, question: &str, answer: &str) -> anyhow::Re
 #[derive(Debug, Clone)]
 pub struct SftRun {
     pub cfg: SftConfig,
-    pub seed: u64,
-    pub out: PathBuf,
-    /// Resume from this checkpoint; without it, from `<out>/checkpoint-last/` if present.
-    pub resume: Option<PathBuf>,
-    /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
-    pub stop_after: Option<usize>,
-    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
-    /// compared on resume. None (a run driven without a config) stores and checks nothing.
-    pub settings: Option<super::resume::Settings>,
-    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
-    pub resume_anyway: bool,
+    pub session: Session,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,19 +206,11 @@ pub fn train_sft(
     valid: &[TfRow],
 ) -> anyhow::Result<SftOutcome> {
     let mut obj = Sft::new(model, run, train, valid);
-    let session = Session {
-        seed: run.seed,
-        out: &run.out,
-        resume: run.resume.as_deref(),
-        stop_after: run.stop_after,
-        settings: run.settings.as_ref(),
-        resume_anyway: run.resume_anyway,
-    };
     let done = trainer::train(
         model,
         &mut obj,
         &loop_config!(&run.cfg),
-        &session,
+        &run.session,
         &mut Ranks::new(model.weaver_vars()),
     )?;
     Ok(SftOutcome {
@@ -275,7 +257,12 @@ impl<'a> Sft<'a> {
                     .iter()
                     .enumerate()
                     .map(|(i, r)| {
-                        thin_points(model, r, q, &mut step_rng(run.seed, i as u64, 0xD82))
+                        thin_points(
+                            model,
+                            r,
+                            q,
+                            &mut step_rng(run.session.seed, i as u64, 0xD82),
+                        )
                     })
                     .collect(),
             )
@@ -287,7 +274,7 @@ impl<'a> Sft<'a> {
             train,
             valid,
             q,
-            seed: run.seed,
+            seed: run.session.seed,
             micro: run.cfg.args.per_device_train_batch_size,
             eval_batch: run.cfg.args.per_device_eval_batch_size,
             step_loss: 0.0,

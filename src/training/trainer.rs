@@ -74,18 +74,35 @@ macro_rules! loop_config {
 }
 pub(crate) use loop_config;
 
-/// Where a run writes and how it starts and stops (beyond its config).
-pub(crate) struct Session<'a> {
+/// Where a run writes, and how it starts and stops (beyond its config): what SFT and GRPO runs
+/// share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
     pub seed: u64,
-    pub out: &'a Path,
+    pub out: PathBuf,
     /// Resume from this checkpoint; without it, from `<out>/checkpoint-last/` if present.
-    pub resume: Option<&'a Path>,
+    pub resume: Option<PathBuf>,
     /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
     pub stop_after: Option<usize>,
-    /// The result-shaping settings stored in every checkpoint and compared on resume.
-    pub settings: Option<&'a super::resume::Settings>,
-    /// Resume even when `settings` differ from the checkpoint's.
+    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
+    /// compared on resume. None (a run driven without a config) stores and checks nothing.
+    pub settings: Option<super::resume::Settings>,
+    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
     pub resume_anyway: bool,
+}
+
+impl Session {
+    /// A run from step 0 (or `<out>/checkpoint-last/`) to its end, recording no settings.
+    pub fn new(seed: u64, out: impl Into<PathBuf>) -> Session {
+        Session {
+            seed,
+            out: out.into(),
+            resume: None,
+            stop_after: None,
+            settings: None,
+            resume_anyway: false,
+        }
+    }
 }
 
 /// How several processes share a run. The single-process defaults run everything and reduce
@@ -282,7 +299,7 @@ pub(crate) fn train(
         // ---- checkpoints; a signal or `stop_after` stops here ----
         let save = due(cfg.save_strategy, cfg.save_steps, &lp.plan, s);
         if checkpoint_after_step(
-            run.out,
+            &run.out,
             model,
             &lp.opt,
             &lp.state,
@@ -293,7 +310,7 @@ pub(crate) fn train(
             run.stop_after,
         )? {
             lp.pb.finish_and_clear();
-            fail_if_interrupted(lp.state.step, lp.plan.total_steps, run.out)?;
+            fail_if_interrupted(lp.state.step, lp.plan.total_steps, &run.out)?;
             return Ok(Finished {
                 steps: lp.state.step,
                 best_metric: lp.state.best_metric,
@@ -305,7 +322,7 @@ pub(crate) fn train(
     let final_dir = run.out.join(obj.final_name());
     // Rank 0 alone writes (crate::distributed); the others hold the same weights.
     if crate::distributed::world().is_root() {
-        final_save(model, &*obj, cfg, &lp.state, run.out)?;
+        final_save(model, &*obj, cfg, &lp.state, &run.out)?;
         lp.metrics.plot()?;
     }
     Ok(Finished {
@@ -336,10 +353,10 @@ impl<'a> Loop<'a> {
         model: &'a MemGenModel,
         obj: &mut dyn Objective,
         cfg: &LoopConfig,
-        run: &Session<'a>,
+        run: &'a Session,
         processes: usize,
     ) -> anyhow::Result<Self> {
-        let out = run.out;
+        let out = run.out.as_path();
         let world = crate::distributed::world();
         if world.is_root() {
             std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
@@ -367,13 +384,13 @@ impl<'a> Loop<'a> {
         let fresh = TrainerState {
             total_steps: plan.total_steps,
             kind: obj.kind().into(),
-            settings: run.settings.cloned(),
+            settings: run.settings.clone(),
             ..Default::default()
         };
         let parts = [obj.part()];
         let state = resume_or_start(
             out,
-            run.resume,
+            run.resume.as_deref(),
             model,
             &mut opt,
             &parts,

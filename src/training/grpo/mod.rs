@@ -62,16 +62,7 @@ impl Target {
 pub struct GrpoRun {
     pub cfg: GrpoConfig,
     pub target: Target,
-    pub seed: u64,
-    pub out: PathBuf,
-    pub resume: Option<PathBuf>,
-    /// Stop with a resumable checkpoint after this many steps (tests).
-    pub stop_after: Option<usize>,
-    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
-    /// compared on resume. None (a run driven without a config) stores and checks nothing.
-    pub settings: Option<super::resume::Settings>,
-    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
-    pub resume_anyway: bool,
+    pub session: Session,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,19 +103,11 @@ pub fn train_grpo(
     );
     let mut obj = Grpo::new(model, run, task, env, train, valid);
     let mut ranks = crate::distributed::Ranks::new(obj.vars());
-    let session = Session {
-        seed: run.seed,
-        out: &run.out,
-        resume: run.resume.as_deref(),
-        stop_after: run.stop_after,
-        settings: run.settings.as_ref(),
-        resume_anyway: run.resume_anyway,
-    };
     let done = trainer::train(
         model,
         &mut obj,
         &loop_config!(&run.cfg),
-        &session,
+        &run.session,
         &mut ranks,
     )?;
     Ok(GrpoOutcome {

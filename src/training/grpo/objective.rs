@@ -110,7 +110,7 @@ impl<'a> Grpo<'a> {
             model,
             cfg,
             target: run.target,
-            seed: run.seed,
+            seed: run.session.seed,
             task,
             env,
             train,
