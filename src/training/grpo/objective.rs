@@ -260,25 +260,13 @@ impl Objective for Grpo<'_> {
             // Rank 0 writes the file when it is new; the others then read it (crate::distributed).
             let world = crate::distributed::world();
             let file = out.join("reference.safetensors");
-            let mut values = None;
-            if world.is_root() {
-                values = Some(reference_values(
-                    &self.vars,
-                    self.model,
-                    &file,
-                    self.target,
-                )?);
-            }
+            let load = || reference_values(&self.vars, self.model, &file, self.target);
+            let from_root = if world.is_root() { Some(load()?) } else { None };
             world.barrier()?;
-            if values.is_none() {
-                values = Some(reference_values(
-                    &self.vars,
-                    self.model,
-                    &file,
-                    self.target,
-                )?);
-            }
-            self.reference = values;
+            self.reference = Some(match from_root {
+                Some(values) => values,
+                None => load()?,
+            });
         }
         Ok(())
     }
