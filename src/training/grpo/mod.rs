@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 pub use loss::{advantages, seq_weights, sequence_loss, LossSpec};
 pub use policy::{trigger_logprobs, weaver_logprobs, Policy};
-pub use rollout::{eval_reward, prompt_ids, rollouts, Rollout, TriggerRollout};
+pub use rollout::{prompt_ids, rollouts, Rollout, TriggerRollout};
 
 use super::trainer::{self, loop_config, Objective, Session};
 use crate::config::GrpoConfig;

@@ -1,6 +1,6 @@
 //! GRPO rollouts: sample G completions of each prompt with memory, reward them with the task,
 //! and keep them in the one form single- and multi-turn tasks share ([`Rollout`]); greedy
-//! rollouts for validation ([`eval_reward`]).
+//! rollouts for validation ([`eval_reward_sums`]).
 
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::memory::generate::{MemGenerated, MemoryOptions};
@@ -253,23 +253,8 @@ fn episode_rollouts(
         .collect())
 }
 
-/// Mean task reward and inference insertions of greedy rollouts (validation).
-pub fn eval_reward(
-    model: &MemGenModel,
-    task: &dyn Task,
-    env: Option<&SearchEnv>,
-    samples: &[Sample],
-    batch: usize,
-    max_new: usize,
-    max_prompt: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let [sum, ins, _] = eval_reward_sums(model, task, env, samples, batch, max_new, max_prompt)?;
-    let n = samples.len().max(1) as f64;
-    Ok((sum / n, ins / n))
-}
-
-/// [`eval_reward`]'s totals: task reward and inference insertions summed, and the sample count
-/// (what data-parallel validation adds up over the ranks).
+/// Validation by greedy rollouts: task reward and inference insertions summed, and the sample
+/// count (sums, so data-parallel validation can add them up over the ranks before dividing).
 pub(crate) fn eval_reward_sums(
     model: &MemGenModel,
     task: &dyn Task,
