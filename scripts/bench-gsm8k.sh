@@ -11,8 +11,10 @@
 # answer, tokens/s and wall time (summed over every sitting of the phase).
 # Env (defaults in brackets):
 #   OUT [runs/bench-gsm8k]   CONFIG [configs/gsm8k-qwen.yaml]   MODEL [qwen]   THREADS [all cores]
-#   SFT_STEPS [300]  SFT_LR [the config's 1e-4]  ROWS [200]  MAX_NEW [512]  BATCH [8]
-#   TRIGGER_STEPS [0 = no trigger phase]
+#   SFT_STEPS [300; `epochs`: the config's num_train_epochs]  SFT_LR [the config's]
+#   ROWS [200]  MAX_NEW [512]  BATCH [8]
+#   TRIGGER_STEPS [0 = no trigger phase; N steps; `epochs`: the config's num_train_epochs]
+#   DEVICE [cpu; cuda:N]  DTYPE [the config's]  FEATURES [none; `cuda` builds into target/cuda]
 #   DATA [hub: the config's hf://openai/gsm8k]; a directory with train.jsonl and test.jsonl reads
 #        those instead and never touches the network, e.g. DATA=../shared/data/gsm8k
 #   PHASES ["sft vanilla weaver trigger"]: a subset runs only those (e.g. PHASES=sft)
@@ -31,13 +33,21 @@ TRIGGER_STEPS="${TRIGGER_STEPS:-0}"
 DATA="${DATA:-hub}"
 PHASES="${PHASES:-sft vanilla weaver trigger}"
 
-cargo build --release --locked -q
+features=()
+if [ -n "${FEATURES:-}" ]; then
+  features=(--features "$FEATURES")
+  # Apart from the CPU build, so neither rebuilds the other.
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target/$FEATURES}"
+fi
+cargo build --release --locked -q ${features[@]+"${features[@]}"}
 bin="${CARGO_TARGET_DIR:-target}/release/memgen"
 [ "$MODEL" = qwen ] && scripts/fetch-model.sh qwen >/dev/null
 [ "$MODEL" = default ] && scripts/fetch-model.sh default >/dev/null
 threads=(); [ -n "${THREADS:-}" ] && threads=(--threads "$THREADS")
 
 common=(model.reasoner_model_name "$MODEL")
+[ -n "${DEVICE:-}" ] && common+=(model.device "$DEVICE")
+[ -n "${DTYPE:-}" ] && common+=(model.dtype "$DTYPE")
 if [ "$DATA" != hub ]; then
   for f in train.jsonl test.jsonl; do
     [ -f "$DATA/$f" ] || { echo "error: DATA=$DATA has no $f" >&2; exit 2; }
@@ -45,7 +55,8 @@ if [ "$DATA" != hub ]; then
   export HF_HUB_OFFLINE=1
   common+=(datasets.gsm8k.train_path "$DATA/train.jsonl" datasets.gsm8k.test_path "$DATA/test.jsonl")
 fi
-sft_opts=(run.weaver.sft.max_steps "$SFT_STEPS")
+sft_opts=()
+[ "$SFT_STEPS" = epochs ] || sft_opts+=(run.weaver.sft.max_steps "$SFT_STEPS")
 [ -n "${SFT_LR:-}" ] && sft_opts+=(run.weaver.sft.learning_rate "$SFT_LR")
 gen=(run.generation.max_new_tokens "$MAX_NEW" run.generation.temperature 0)
 
@@ -96,7 +107,7 @@ curve() {
 echo "# load before: $(uptime)"
 extra_eval=()
 if has sft; then
-  train weaver-train "$OUT/sft" "$OUT/sft/weaver" --options "${common[@]}" "${sft_opts[@]}"
+  train weaver-train "$OUT/sft" "$OUT/sft/weaver" --options "${common[@]}" ${sft_opts[@]+"${sft_opts[@]}"}
   curve "$OUT/sft"
 fi
 has vanilla && evaluate vanilla "$OUT/vanilla" --vanilla
@@ -104,9 +115,11 @@ if has weaver; then
   [ -f "$OUT/sft/weaver/model.safetensors" ] || { echo "error: no trained weaver in $OUT/sft/weaver (run PHASES=sft first)" >&2; exit 2; }
   evaluate "weaver + nano trigger" "$OUT/weaver" --load-model-path "$OUT/sft/weaver"
 fi
-if has trigger && [ "$TRIGGER_STEPS" -gt 0 ]; then
+if has trigger && [ "$TRIGGER_STEPS" != 0 ]; then
+  trigger_opts=()
+  [ "$TRIGGER_STEPS" = epochs ] || trigger_opts+=(run.trigger.grpo.max_steps "$TRIGGER_STEPS")
   train trigger-train "$OUT/trigger" "$OUT/trigger/trigger" --load-model-path "$OUT/sft/weaver" \
-    --options "${common[@]}" run.trigger.grpo.max_steps "$TRIGGER_STEPS"
+    --options "${common[@]}" ${trigger_opts[@]+"${trigger_opts[@]}"}
   extra_eval=(model.trigger.active true)
   evaluate "weaver + GRPO trigger" "$OUT/trigger-eval" --load-model-path "$OUT/trigger/trigger"
 fi

@@ -19,18 +19,10 @@ case "$device" in
     *) echo "error: expected a CUDA device such as cuda:0, got \`$device\`" >&2; exit 1 ;;
 esac
 
-# An empty CUDA_VISIBLE_DEVICES, or one starting with -1, hides every GPU from the CUDA runtime.
-hidden=false
-if [ "${CUDA_VISIBLE_DEVICES+set}" = set ]; then
-    case "$CUDA_VISIBLE_DEVICES" in "" | -1*) hidden=true ;; esac
-fi
-gpus=0
-if ! $hidden && command -v nvidia-smi >/dev/null 2>&1; then
-    gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
-fi
-if [ "$gpus" -eq 0 ]; then
-    if $hidden; then why="CUDA_VISIBLE_DEVICES hides every GPU"; else why="nvidia-smi lists no GPU"; fi
-    echo "gpu-check: no CUDA device ($why); nothing built or checked"
+. "$root/scripts/lib/cuda-devices.sh"
+cuda_devices
+if [ "$cuda_count" -eq 0 ]; then
+    echo "gpu-check: no CUDA device ($cuda_why); nothing built or checked"
     exit 3
 fi
 
