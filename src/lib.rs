@@ -16,6 +16,7 @@
 //!
 //! See `docs/DESIGN.md` for the data path and `README.md` for the command line.
 
+mod allocator;
 pub mod backbone;
 // The binary's entry point (src/main.rs is another crate) and its one-line error formatting,
 // which the parity test and the benches reuse; not a library API.
@@ -31,6 +32,7 @@ pub mod tasks;
 pub mod training;
 pub(crate) mod util;
 
+pub use allocator::keep_freed_memory;
 pub use backbone::{load, Backbone, LoadedModel, TextTokenizer};
 pub use config::RunConfig;
 pub use memory::{MemGenModel, MemGenSpec, Trigger, Weaver};

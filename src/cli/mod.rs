@@ -1,6 +1,5 @@
 //! The `memgen` command line: argument parsing and dispatch; the work lives in the library modules.
 
-mod allocator;
 mod backbone_cmds;
 mod data_cmd;
 mod eval_cmd;
@@ -66,7 +65,7 @@ pub(crate) struct ModelArgs {
 
 /// Parse arguments, run, and turn any error into one line on stderr and a non-zero exit code.
 pub fn main() -> i32 {
-    allocator::keep_freed_memory();
+    crate::allocator::keep_freed_memory();
     let cli = Cli::parse();
     // Before any thread pool starts: MPI (with the `mpi` feature) or the guard against a
     // multi-rank launch of a build without it.

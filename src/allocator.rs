@@ -12,8 +12,9 @@
 //! its peak until it exits, which is what a training or eval run does anyway.
 
 /// Keep freed memory mapped for reuse instead of returning it to the kernel (glibc only; other
-/// allocators already cache freed pages). Call before any thread starts.
-pub(super) fn keep_freed_memory() {
+/// allocators already cache freed pages). The `memgen` binary calls it first thing; a program
+/// using the library should too, before any thread starts. It changes speed, never results.
+pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; both values are in range for glibc (0
     // disables mmap-backed allocations, the trim threshold is any positive int), and no other
