@@ -9,7 +9,7 @@ pub mod hf_config;
 pub mod lora;
 pub mod model;
 pub mod ops;
-pub mod packed;
+pub mod kernels;
 pub mod tokenizer;
 pub mod weights;
 
@@ -21,6 +21,7 @@ use candle_core::{DType, Device};
 pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
+pub use ops::Kernels;
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
 
