@@ -112,6 +112,7 @@ fn logits_with_cache(bb: &Backbone, grad: bool) -> (Vec<Tensor>, Vec<Vec<Vec<u8>
 
 #[test]
 fn generic_logits_match_the_fused_kernels_on_every_family() {
+    let mut fused_worst = 0f32;
     for family in common::FAMILIES {
         let generic = logits_with_cache(&tiny_with_lora(family, Kernels::Generic), false);
         for kernels in [Kernels::Fused, Kernels::FusedUnpacked] {
@@ -123,6 +124,9 @@ fn generic_logits_match_the_fused_kernels_on_every_family() {
                         d < TOL,
                         "{family} {kernels:?} grad {grad} step {step}: logits differ by {d}"
                     );
+                    if !grad {
+                        fused_worst = fused_worst.max(d);
+                    }
                 }
             }
         }
@@ -130,6 +134,43 @@ fn generic_logits_match_the_fused_kernels_on_every_family() {
         let l = generic.0[0].to_vec3::<f32>().unwrap();
         assert!((l[0][0][0] - l[0][1][0]).abs() > 1e-4, "{family}: flat logits");
     }
+    // The kernels round differently (a vectorised exp, other summation orders): identical
+    // logits everywhere would mean the setting was ignored.
+    assert!(fused_worst > 0.0, "Kernels::Generic changed nothing");
+}
+
+/// `memgen --kernels` on the real model: generic and fused score a text alike; a misspelt
+/// setting is a one-line error.
+#[test]
+fn the_cli_switch_selects_the_generic_path() {
+    common::model("smollm2");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_memgen"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let score = |k: &str| -> serde_json::Value {
+        let text = "The capital of France is Paris, and the capital of Italy is Rome.";
+        let out = run(&["--kernels", k, "score", "--text", text, "--top-k", "3"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (f, g) = (score("fused"), score("generic"));
+    let (tf, tg) = (f["top_logits"].as_array().unwrap(), g["top_logits"].as_array().unwrap());
+    assert_eq!(tf.len(), tg.len());
+    let mut worst = 0f64;
+    for (rf, rg) in tf.iter().zip(tg) {
+        for (x, y) in rf.as_array().unwrap().iter().zip(rg.as_array().unwrap()) {
+            assert_eq!(x[0], y[0], "top tokens differ: {rf} vs {rg}");
+            worst = worst.max((x[1].as_f64().unwrap() - y[1].as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst < 1e-3, "logits differ by {worst}");
+    let out = run(&["--kernels", "fastest", "score", "--text", "hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("fused, fused-unpacked or generic"), "{err}");
 }
 
 /// A tiny MemGen model of `family` (reasoner and weaver on the same tiny base), every weaver

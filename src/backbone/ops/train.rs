@@ -224,8 +224,9 @@ where
         self.name
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        // A fresh contiguous value starting at offset 0: its storage can be cloned as is.
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // A fresh contiguous value starting at offset 0: its storage can be cloned as is. The
+        // result has the value's shape (a frozen matmul's differs from its input's).
         let mut v = self.take()?.contiguous()?;
         if v.layout().start_offset() != 0 {
             v = v.copy()?;
@@ -234,14 +235,14 @@ where
         let Storage::Cpu(cs) = &*st else {
             candle_core::bail!("{}: value on another device", self.name);
         };
-        Ok((cs.clone(), l.shape().clone()))
+        Ok((cs.clone(), v.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         _s: &candle_core::CudaStorage,
-        l: &Layout,
+        _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let mut v = self.take()?.contiguous()?;
         if v.layout().start_offset() != 0 {
@@ -251,7 +252,7 @@ where
         let Storage::Cuda(cs) = &*st else {
             candle_core::bail!("{}: value on another device", self.name);
         };
-        Ok((cs.try_clone(v.layout())?, l.shape().clone()))
+        Ok((cs.try_clone(v.layout())?, v.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
