@@ -132,7 +132,10 @@ fn generic_logits_match_the_fused_kernels_on_every_family() {
         }
         // The model is not trivially flat: its logits differ between positions.
         let l = generic.0[0].to_vec3::<f32>().unwrap();
-        assert!((l[0][0][0] - l[0][1][0]).abs() > 1e-4, "{family}: flat logits");
+        assert!(
+            (l[0][0][0] - l[0][1][0]).abs() > 1e-4,
+            "{family}: flat logits"
+        );
     }
     // The kernels round differently (a vectorised exp, other summation orders): identical
     // logits everywhere would mean the setting was ignored.
@@ -153,11 +156,18 @@ fn the_cli_switch_selects_the_generic_path() {
     let score = |k: &str| -> serde_json::Value {
         let text = "The capital of France is Paris, and the capital of Italy is Rome.";
         let out = run(&["--kernels", k, "score", "--text", text, "--top-k", "3"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let (f, g) = (score("fused"), score("generic"));
-    let (tf, tg) = (f["top_logits"].as_array().unwrap(), g["top_logits"].as_array().unwrap());
+    let (tf, tg) = (
+        f["top_logits"].as_array().unwrap(),
+        g["top_logits"].as_array().unwrap(),
+    );
     assert_eq!(tf.len(), tg.len());
     let mut worst = 0f64;
     for (rf, rg) in tf.iter().zip(tg) {
@@ -234,13 +244,25 @@ fn generic_gradients_and_an_adamw_step_match_the_fused_kernels_on_every_family()
         assert_eq!(gf.len(), gg.len());
         for (i, (a, b)) in gf.iter().zip(&gg).enumerate() {
             let d = common::max_abs_diff(a, b);
-            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(scale > 0.0, "{family}: gradient {i} is zero");
-            assert!(d < TOL * scale.max(1.0), "{family}: gradient {i} differs by {d}");
+            assert!(
+                d < TOL * scale.max(1.0),
+                "{family}: gradient {i} differs by {d}"
+            );
         }
         for (i, (a, b)) in af.iter().zip(&ag).enumerate() {
             let d = common::max_abs_diff(a, b);
-            assert!(d < TOL, "{family}: variable {i} after the step differs by {d}");
+            assert!(
+                d < TOL,
+                "{family}: variable {i} after the step differs by {d}"
+            );
         }
     }
 }

@@ -6,10 +6,10 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod hf_config;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod ops;
-pub mod kernels;
 pub mod tokenizer;
 pub mod weights;
 

@@ -354,20 +354,40 @@ impl Backbone {
             None => (k, v),
         };
         let attn = pass.pack(&ops.attention(&qkv, &k, &v, &pass.attn)?)?;
-        let o = self.proj(li, Target::O, &attn, (&w.o_proj, Some(&w.packed.o)), ops, mode)?;
+        let o = self.proj(
+            li,
+            Target::O,
+            &attn,
+            (&w.o_proj, Some(&w.packed.o)),
+            ops,
+            mode,
+        )?;
         let x = ops.residual(x, &o)?;
 
         let h = ops.rms_norm(&x, &w.post_attention_layernorm, eps)?;
         let gate_up = self.gate_up(li, &h, ops, mode)?;
         let act = ops.silu_mul(&gate_up)?;
-        let down = self.proj(li, Target::Down, &act, (&w.down_proj, Some(&w.packed.down)), ops, mode)?;
+        let down = self.proj(
+            li,
+            Target::Down,
+            &act,
+            (&w.down_proj, Some(&w.packed.down)),
+            ops,
+            mode,
+        )?;
         ops.residual(&x, &down)
     }
 
     /// Rows `[q | k | v]` of layer `li` from the normed input `h`: one product by the stacked
     /// weight (its LoRA updates added to their columns), or three where the weights could not
     /// be stacked (mixed biases).
-    fn qkv(&self, li: usize, h: &Tensor, ops: &Ops, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    fn qkv(
+        &self,
+        li: usize,
+        h: &Tensor,
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let w = &self.weights.layers[li];
         let Some(wqkv) = &w.qkv_proj else {
             let q = self.proj(li, Target::Q, h, (&w.q_proj, None), ops, mode)?;
@@ -386,7 +406,13 @@ impl Backbone {
     }
 
     /// Rows `[gate | up]` of layer `li`, as [`Backbone::qkv`].
-    fn gate_up(&self, li: usize, h: &Tensor, ops: &Ops, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    fn gate_up(
+        &self,
+        li: usize,
+        h: &Tensor,
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let w = &self.weights.layers[li];
         let Some(wgu) = &w.gate_up_proj else {
             let gate = self.proj(li, Target::Gate, h, (&w.gate_proj, None), ops, mode)?;

@@ -32,14 +32,28 @@ impl AttnDims {
     fn check(&self, q: &[f32], k: &[f32], v: &[f32], mask: &[Vec<u8>]) -> Result<(), KernelError> {
         let d = self;
         let bad = |what: String| Err(KernelError::shape("attention", what));
-        if d.rep == 0 || d.heads % d.rep != 0 || d.hd == 0 || d.heads * d.hd > d.w {
-            return bad(format!("{} heads of {} over rows of {}, rep {}", d.heads, d.hd, d.w, d.rep));
+        if d.rep == 0 || !d.heads.is_multiple_of(d.rep) || d.hd == 0 || d.heads * d.hd > d.w {
+            return bad(format!(
+                "{} heads of {} over rows of {}, rep {}",
+                d.heads, d.hd, d.w, d.rep
+            ));
         }
         if d.t != d.past + d.l || mask.len() != d.b || mask.iter().any(|m| m.len() != d.t) {
-            return bad(format!("mask of {} rows for {} × {} keys", mask.len(), d.b, d.t));
+            return bad(format!(
+                "mask of {} rows for {} × {} keys",
+                mask.len(),
+                d.b,
+                d.t
+            ));
         }
         if q.len() < d.b * d.l * d.w {
-            return bad(format!("{} query values for {} × {} × {}", q.len(), d.b, d.l, d.w));
+            return bad(format!(
+                "{} query values for {} × {} × {}",
+                q.len(),
+                d.b,
+                d.l,
+                d.w
+            ));
         }
         if d.b == 0 || d.t == 0 {
             return Ok(());
@@ -48,7 +62,11 @@ impl AttnDims {
         let kvh = d.heads / d.rep;
         let end = |s: &[usize; 3]| (d.b - 1) * s[0] + (kvh - 1) * s[1] + (d.t - 1) * s[2] + d.hd;
         if k.len() < end(&d.ks) || v.len() < end(&d.vs) {
-            return bad(format!("{} keys / {} values too few for the strides", k.len(), v.len()));
+            return bad(format!(
+                "{} keys / {} values too few for the strides",
+                k.len(),
+                v.len()
+            ));
         }
         Ok(())
     }
@@ -136,7 +154,9 @@ unsafe fn head_avx(
     if d.hd == 64 {
         return avx::head64(q, k, v, d, mask, bi, h, y);
     }
-    head_body(q, k, v, d, mask, bi, h, y, |p, m| super::x86::exp_shifted(p, m))
+    head_body(q, k, v, d, mask, bi, h, y, |p, m| {
+        super::x86::exp_shifted(p, m)
+    })
 }
 
 /// `p[j] = exp(p[j] − shift)`; −∞ gives 0.
@@ -223,7 +243,6 @@ unsafe fn head_body(
         std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(yo), hd);
     }
 }
-
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
@@ -698,9 +717,7 @@ mod tests {
         for (bi, row_mask) in mask.iter().enumerate() {
             for h in 0..heads {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe {
-                    agrees_with_generic(super::avx::head64, &q, &k, &v, &d, row_mask, bi, h)
-                };
+                unsafe { agrees_with_generic(super::avx::head64, &q, &k, &v, &d, row_mask, bi, h) };
             }
         }
     }
@@ -734,16 +751,7 @@ mod tests {
                 for h in 0..heads {
                     // SAFETY: the CPU has AVX2 and FMA (checked above).
                     unsafe {
-                        agrees_with_generic(
-                            super::avx::head_many,
-                            &q,
-                            &k,
-                            &v,
-                            &d,
-                            row_mask,
-                            bi,
-                            h,
-                        )
+                        agrees_with_generic(super::avx::head_many, &q, &k, &v, &d, row_mask, bi, h)
                     };
                 }
             }

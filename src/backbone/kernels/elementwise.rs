@@ -28,7 +28,9 @@ pub(crate) fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>, KernelError> {
 
 /// `silu(g) · u` for rows `[g | u]` of width `2w`: rows of width `w`.
 pub(crate) fn silu_mul(x: &[f32], w2: usize) -> Result<Vec<f32>, KernelError> {
-    if !w2.is_multiple_of(2) || (w2 == 0 && !x.is_empty()) || (w2 > 0 && !x.len().is_multiple_of(w2))
+    if !w2.is_multiple_of(2)
+        || (w2 == 0 && !x.is_empty())
+        || (w2 > 0 && !x.len().is_multiple_of(w2))
     {
         return Err(KernelError::shape(
             "silu-mul",
@@ -66,8 +68,7 @@ pub(crate) fn rope_rows(
 ) -> Result<Vec<f32>, KernelError> {
     let half = hd / 2;
     let rows = x.len().checked_div(w).unwrap_or(0);
-    if rows * w != x.len() || cos.len() != rows * half || sin.len() != cos.len() || heads * hd > w
-    {
+    if rows * w != x.len() || cos.len() != rows * half || sin.len() != cos.len() || heads * hd > w {
         return Err(KernelError::shape(
             "rope",
             "tables or width do not match the input",
@@ -139,9 +140,7 @@ pub(crate) fn lora_add(
     adapters: &[LoraSlices],
 ) -> Result<Vec<f32>, KernelError> {
     let n = y.len().checked_div(m).unwrap_or(0);
-    let fits = |u: &LoraSlices| {
-        u.a.len() == u.r * k && u.b.len() == u.w * u.r && u.col + u.w <= m
-    };
+    let fits = |u: &LoraSlices| u.a.len() == u.r * k && u.b.len() == u.w * u.r && u.col + u.w <= m;
     if n * m != y.len() || x.len() != n * k || !adapters.iter().all(fits) {
         return Err(KernelError::shape(
             "lora-add",

@@ -17,7 +17,11 @@ pub(crate) fn linear_small(
     if x.len() != n * k || w.len() != m * k {
         return Err(KernelError::shape(
             "linear-small",
-            format!("x has {} values for {n} × {k}, w {} for {m} × {k}", x.len(), w.len()),
+            format!(
+                "x has {} values for {n} × {k}, w {} for {m} × {k}",
+                x.len(),
+                w.len()
+            ),
         ));
     }
     let mut y = vec![0f32; n * m];
@@ -80,8 +84,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s =
-        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ar.iter().zip(br) {
         s += x * y;
     }
@@ -156,8 +159,7 @@ mod avx {
         while p < k32 {
             for (u, au) in a.iter_mut().enumerate() {
                 let o = p + 8 * u;
-                *au =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(w.add(o)), _mm256_loadu_ps(x.add(o)), *au);
+                *au = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(o)), _mm256_loadu_ps(x.add(o)), *au);
             }
             p += 32;
         }

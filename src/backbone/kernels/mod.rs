@@ -5,7 +5,7 @@
 //! slices' lengths. The Candle glue (custom ops, layouts, dtypes) lives in `backbone::ops`.
 //!
 //! Every kernel has a portable scalar body; on x86-64 an AVX2/FMA (or AVX-512) variant is chosen
-//! at run time when the CPU has it. See docs/DESIGN.md ("Inference fast path").
+//! at run time when the CPU has it. See docs/DESIGN.md ("Implementation choices that keep the function").
 
 mod attention;
 mod elementwise;
@@ -34,10 +34,7 @@ pub(crate) fn threads() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("{kernel}: {what}")]
-    Shape {
-        kernel: &'static str,
-        what: String,
-    },
+    Shape { kernel: &'static str, what: String },
 }
 
 impl KernelError {

@@ -216,10 +216,26 @@ mod x86 {
         };
     }
 
-    panel_kernel!(k512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps,
-        _mm512_fmadd_ps, store512);
-    panel_kernel!(k256, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps,
-        _mm256_fmadd_ps, store256);
+    panel_kernel!(
+        k512,
+        "avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        store512
+    );
+    panel_kernel!(
+        k256,
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        store256
+    );
 
     /// Up to 12 rows × 32 columns in 24 zmm accumulators.
     ///

@@ -39,9 +39,10 @@ pub(super) unsafe fn exp8(x: __m256) -> __m256 {
     let lo = _mm256_set1_ps(-87.336_55);
     let hi = _mm256_set1_ps(88.376_26);
     let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        xc,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
     let mut y = _mm256_set1_ps(1.987_569_1e-4);
@@ -87,4 +88,3 @@ pub(super) unsafe fn hsum(a: __m256) -> f32 {
     let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
     _mm_cvtss_f32(s1)
 }
-

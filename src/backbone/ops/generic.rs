@@ -18,7 +18,9 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Resul
     let x2 = x.contiguous()?.reshape((n, k))?;
     let value = x2.detach().matmul(&w.t()?)?;
     let w2 = w.clone();
-    let y = fused(&x2, value, "frozen-matmul", move |_x, _res, g| g.matmul(&w2))?;
+    let y = fused(&x2, value, "frozen-matmul", move |_x, _res, g| {
+        g.matmul(&w2)
+    })?;
     let y = match b {
         Some(b) => const_add(&y, b)?,
         None => y,
@@ -33,16 +35,21 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Resul
 /// `x + c` for a constant `c` (broadcast); only x gets a gradient.
 pub(crate) fn const_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let c = c.to_dtype(x.dtype())?;
-    fused(x, x.detach().broadcast_add(&c)?, "const-add", |_x, _res, g| {
-        Ok(g.clone())
-    })
+    fused(
+        x,
+        x.detach().broadcast_add(&c)?,
+        "const-add",
+        |_x, _res, g| Ok(g.clone()),
+    )
 }
 
 /// `x * c` for a constant `c` (broadcast); only x gets a gradient.
 pub(crate) fn const_mul(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let c = c.to_dtype(x.dtype())?;
     let value = x.detach().broadcast_mul(&c)?;
-    fused(x, value, "const-mul", move |_x, _res, g| g.broadcast_mul(&c))
+    fused(x, value, "const-mul", move |_x, _res, g| {
+        g.broadcast_mul(&c)
+    })
 }
 
 /// Heads `start..start + n` of rows (B × L × W) as a contiguous (B × n × L × hd) tensor.
@@ -176,7 +183,10 @@ pub(crate) fn lora_add(
     for u in updates {
         let w = u.b.dim(0)?;
         if u.col < at || u.col + w > m {
-            candle_core::bail!("lora-add: adapter at column {} overlaps or overflows {m}", u.col);
+            candle_core::bail!(
+                "lora-add: adapter at column {} overlaps or overflows {m}",
+                u.col
+            );
         }
         let delta = lora_delta(x, u, rng.as_deref_mut(), mul)?;
         if u.col == 0 && w == m {

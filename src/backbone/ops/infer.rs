@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 use super::kernel_error;
 use crate::backbone::kernels::{self, PackedWeight};
@@ -107,8 +109,8 @@ impl CustomOp3 for RopeRows {
         let cos = contiguous_f32(s2, l2, "rope cos")?;
         let sin = contiguous_f32(s3, l3, "rope sin")?;
         let (_, _, w) = l1.shape().dims3()?;
-        let y = kernels::rope_rows(x, w, cos, sin, self.heads, self.head_dim)
-            .map_err(kernel_error)?;
+        let y =
+            kernels::rope_rows(x, w, cos, sin, self.heads, self.head_dim).map_err(kernel_error)?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -146,7 +148,10 @@ impl CustomOp1 for TakeHeads {
         let (b, len, w) = l.shape().dims3()?;
         let y = kernels::take_heads(x, (b, len, w), self.start, self.n, self.head_dim)
             .map_err(kernel_error)?;
-        Ok((CpuStorage::F32(y), Shape::from((b, self.n, len, self.head_dim))))
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((b, self.n, len, self.head_dim)),
+        ))
     }
 }
 
@@ -322,7 +327,11 @@ impl CustomOp2 for LoraAdd<'_> {
 /// in panels the weights stream at memory speed for one row and stay there up to ~8 (the
 /// row-major kernel halves its speed by 4 rows), and the same kernel runs many-row chunks near
 /// the cores' peak. `w` must be f32 on the CPU.
-pub(crate) fn packed_linear(x: &Tensor, w: &Tensor, cell: &OnceLock<PackedWeight>) -> Result<Tensor> {
+pub(crate) fn packed_linear(
+    x: &Tensor,
+    w: &Tensor,
+    cell: &OnceLock<PackedWeight>,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / k.max(1);

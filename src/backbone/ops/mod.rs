@@ -7,7 +7,7 @@
 //! - the device-generic Candle-op twins ([`generic`]) everywhere else: other devices, bf16/f16,
 //!   and whenever `Kernels::Generic` forces them (which is how the tests check the kernels).
 //!
-//! All three compute the same function; see docs/DESIGN.md ("Inference fast path").
+//! All three compute the same function; see docs/DESIGN.md ("Implementation choices that keep the function").
 
 mod generic;
 mod infer;
@@ -240,7 +240,13 @@ impl Ops {
     }
 
     /// Heads `start..start + n` of rows (B × L × W) as (B × n × L × hd).
-    pub(crate) fn take_heads(&self, x: &Tensor, start: usize, n: usize, hd: usize) -> Result<Tensor> {
+    pub(crate) fn take_heads(
+        &self,
+        x: &Tensor,
+        start: usize,
+        n: usize,
+        hd: usize,
+    ) -> Result<Tensor> {
         if self.fast() {
             infer::take_heads(x, start, n, hd)
         } else {

@@ -66,7 +66,9 @@ fn row_kernels_match_their_generic_twins() {
     let w = (heads + 2 * kvh) * hd;
     let rows = t(seq(b * l * w, 0.07), &[b, l, w]);
     let pos = Tensor::from_vec(vec![0u32, 1, 2, 4, 5, 6], (b, l), &Device::Cpu).unwrap();
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 100f32.powf(i as f32 / 4.0)).collect();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 100f32.powf(i as f32 / 4.0))
+        .collect();
     let (cos, sin) = rope_tables(&pos, &inv).unwrap();
     let fast = infer::rope_rows(&rows, &cos, &sin, heads + kvh, hd).unwrap();
     let gen = generic::rope_rows(&rows, &cos, &sin, heads + kvh, hd).unwrap();

@@ -10,7 +10,9 @@
 //! alone uses a memgen kernel ([`kernels::linear_small`]) for a few rows.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 use super::kernel_error;
 use crate::backbone::kernels;
@@ -414,4 +416,3 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
         candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
     })
 }
-
