@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{Backbone, Kernels, LoraConfig, LoraSet, Mode};
+use memgen::backbone::{Backbone, Kernels, LoraConfig, LoraSet, Mode, Target};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::training::optim::{AdamW, AdamWConfig};
@@ -35,17 +35,7 @@ fn tiny_with_lora(family: &str, kernels: Kernels) -> Backbone {
     let cfg = LoraConfig {
         r: 3,
         lora_dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: Target::ALL.iter().map(|t| t.name().to_string()).collect(),
         ..LoraConfig::default()
     };
     let n = bb.config().num_hidden_layers;

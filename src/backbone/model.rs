@@ -378,9 +378,7 @@ impl Backbone {
         ops.residual(&x, &down)
     }
 
-    /// Rows `[q | k | v]` of layer `li` from the normed input `h`: one product by the stacked
-    /// weight (its LoRA updates added to their columns), or three where the weights could not
-    /// be stacked (mixed biases).
+    /// Rows `[q | k | v]` of layer `li` from the normed input `h`.
     fn qkv(
         &self,
         li: usize,
@@ -389,23 +387,17 @@ impl Backbone {
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
         let w = &self.weights.layers[li];
-        let Some(wqkv) = &w.qkv_proj else {
-            let q = self.proj(li, Target::Q, h, (&w.q_proj, None), ops, mode)?;
-            let q = self.add_bias(q, w.q_bias.as_ref(), ops)?;
-            let k = self.proj(li, Target::K, h, (&w.k_proj, None), ops, mode)?;
-            let k = self.add_bias(k, w.k_bias.as_ref(), ops)?;
-            let v = self.proj(li, Target::V, h, (&w.v_proj, None), ops, mode)?;
-            let v = self.add_bias(v, w.v_bias.as_ref(), ops)?;
-            return Tensor::cat(&[q, k, v], D::Minus1);
-        };
-        let y = ops.linear(h, wqkv, Some(&w.packed.qkv))?;
-        let y = self.add_bias(y, w.qkv_bias.as_ref(), ops)?;
-        let (nq, nk) = (w.q_proj.dim(0)?, w.k_proj.dim(0)?);
-        let targets = [(Target::Q, 0), (Target::K, nq), (Target::V, nq + nk)];
-        self.add_lora(li, y, h, &targets, ops, mode)
+        let stack = w.qkv_proj.as_ref();
+        let stack = stack.map(|s| (s, w.qkv_bias.as_ref(), &w.packed.qkv));
+        let parts = [
+            (Target::Q, &w.q_proj, w.q_bias.as_ref()),
+            (Target::K, &w.k_proj, w.k_bias.as_ref()),
+            (Target::V, &w.v_proj, w.v_bias.as_ref()),
+        ];
+        self.side_by_side(li, h, stack, &parts, ops, mode)
     }
 
-    /// Rows `[gate | up]` of layer `li`, as [`Backbone::qkv`].
+    /// Rows `[gate | up]` of layer `li` from the normed input `h`.
     fn gate_up(
         &self,
         li: usize,
@@ -414,14 +406,46 @@ impl Backbone {
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
         let w = &self.weights.layers[li];
-        let Some(wgu) = &w.gate_up_proj else {
-            let gate = self.proj(li, Target::Gate, h, (&w.gate_proj, None), ops, mode)?;
-            let up = self.proj(li, Target::Up, h, (&w.up_proj, None), ops, mode)?;
-            return Tensor::cat(&[gate, up], D::Minus1);
+        let stack = w
+            .gate_up_proj
+            .as_ref()
+            .map(|s| (s, None, &w.packed.gate_up));
+        let parts = [
+            (Target::Gate, &w.gate_proj, None),
+            (Target::Up, &w.up_proj, None),
+        ];
+        self.side_by_side(li, h, stack, &parts, ops, mode)
+    }
+
+    /// The projections `parts` (target, weight, bias) of layer `li`, their outputs side by side:
+    /// one product by the stacked weight `stack` (weight, bias, packed copy) where the loader
+    /// stacked them, with each LoRA update added to its columns; else one product each.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn side_by_side(
+        &self,
+        li: usize,
+        h: &Tensor,
+        stack: Option<(&Tensor, Option<&Tensor>, &OnceLock<PackedWeight>)>,
+        parts: &[(Target, &Tensor, Option<&Tensor>)],
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let Some((w, bias, packed)) = stack else {
+            let mut ys = Vec::with_capacity(parts.len());
+            for &(t, w, b) in parts {
+                let y = self.add_bias(ops.linear(h, w, None)?, b, ops)?;
+                ys.push(self.add_lora(li, y, h, &[(t, 0)], ops, mode)?);
+            }
+            return Tensor::cat(&ys, D::Minus1);
         };
-        let y = ops.linear(h, wgu, Some(&w.packed.gate_up))?;
-        let ng = w.gate_proj.dim(0)?;
-        self.add_lora(li, y, h, &[(Target::Gate, 0), (Target::Up, ng)], ops, mode)
+        let y = self.add_bias(ops.linear(h, w, Some(packed))?, bias, ops)?;
+        let mut targets = Vec::with_capacity(parts.len());
+        let mut col = 0;
+        for &(t, w, _) in parts {
+            targets.push((t, col));
+            col += w.dim(0)?;
+        }
+        self.add_lora(li, y, h, &targets, ops, mode)
     }
 
     fn add_bias(&self, y: Tensor, b: Option<&Tensor>, ops: &Ops) -> candle_core::Result<Tensor> {
