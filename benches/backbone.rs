@@ -6,9 +6,9 @@ mod common;
 use std::time::Instant;
 
 use candle_core::Device;
-use memgen::backbone::generate::{generate, ids_tensor, left_pad, Sampler, SamplingConfig};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
+use memgen::backbone::generate::{generate, Sampler, SamplingConfig};
 use memgen::backbone::{self, Mode};
+use memgen::backbone::{Side, Stream};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -37,18 +37,13 @@ fn run() -> anyhow::Result<()> {
     let mut ids = m.tokenizer.encode(&text)?;
     ids.truncate(plen);
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| ids.clone()).collect();
-    let dev = Device::Cpu;
     let (mut pre, mut dec) = (vec![], vec![]);
     for _ in 0..runs {
         // Prefill alone.
-        let (pid, mask) = left_pad(&prompts, m.tokenizer.pad_id);
-        let pos = positions_tensor(&positions_from_mask(&mask, &vec![0; batch]), &dev)?;
         let t = Instant::now();
         let mut cache = m.backbone.new_cache(batch);
-        let x = m.backbone.embed(&ids_tensor(&pid, &dev)?)?;
-        let h = m
-            .backbone
-            .forward(&x, &mask, &pos, Some(&mut cache), &mut Mode::Infer)?;
+        let x = Stream::tokens(&m.backbone, &prompts, m.tokenizer.pad_id, Side::Left)?;
+        let h = m.backbone.forward(&x, Some(&mut cache), &mut Mode::Infer)?;
         let l = h.dim(1)?;
         let _ = m.backbone.logits(&h.narrow(1, l - 1, 1)?)?;
         pre.push((batch * plen) as f64 / t.elapsed().as_secs_f64());

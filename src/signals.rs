@@ -44,6 +44,13 @@ pub fn requested() -> Option<i32> {
     }
 }
 
+/// Act on `signal` as if this process had received it (without the announcement): under MPI,
+/// a signal that reached another rank stops this one after the same step
+/// ([`crate::distributed::World::agree_on_signal`]). A signal already received stays.
+pub fn adopt(signal: i32) {
+    let _ = SIGNAL.compare_exchange(0, signal, SeqCst, SeqCst);
+}
+
 /// A run that stopped on a signal after saving what it could; `message` says where and how to
 /// resume. The CLI prints it and exits with [`exit_code`].
 #[derive(Debug, thiserror::Error)]

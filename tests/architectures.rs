@@ -7,10 +7,11 @@
 mod common;
 mod reference;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use common::sequence_logits as logits;
+
+use candle_core::{DType, Device, Tensor};
 use memgen::backbone::generate::{generate, Sampler, SamplingConfig};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{self, Arch, LoadedModel, Mode};
+use memgen::backbone::{self, Arch, Mode, Stream};
 
 const TOL: f32 = 2e-4;
 
@@ -28,23 +29,6 @@ fn f32s(v: &serde_json::Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().expect("a logit") as f32)
         .collect()
-}
-
-/// Logits (L × vocab) of one unpadded sequence, by the given mode's path.
-fn logits(m: &LoadedModel, ids: &[u32], mode: &mut Mode) -> Vec<Vec<f32>> {
-    let dev = Device::Cpu;
-    let mask = vec![vec![1u8; ids.len()]];
-    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev).unwrap();
-    let x = m
-        .backbone
-        .embed(&Tensor::from_vec(ids.to_vec(), (1, ids.len()), &dev).unwrap())
-        .unwrap();
-    let h = m.backbone.forward(&x, &mask, &pos, None, mode).unwrap();
-    let lg = match mode {
-        Mode::Infer => m.backbone.logits_infer(&h),
-        _ => m.backbone.logits(&h),
-    };
-    lg.unwrap().i(0).unwrap().to_vec2::<f32>().unwrap()
 }
 
 /// Worst |ours − transformers| over the top-20 ids of every position, and over the last row.
@@ -238,17 +222,8 @@ fn linear_rope_scaling_matches_the_literal_decoder() {
     let x = reference::embed_ids(&bb, &ids);
     let want = reference::literal_forward(&bb, &x);
     let got = reference::full_forward_mode(&bb, &x, &mut Mode::Grad);
-    let fast = bb.forward(
-        &x.unsqueeze(0).unwrap(),
-        &[vec![1u8; ids.len()]],
-        &positions_tensor(
-            &positions_from_mask(&[vec![1u8; ids.len()]], &[0]),
-            &Device::Cpu,
-        )
-        .unwrap(),
-        None,
-        &mut Mode::Infer,
-    );
+    let one = Stream::from_mask(x.unsqueeze(0).unwrap(), vec![vec![1u8; ids.len()]], &[0]);
+    let fast = bb.forward(&one.unwrap(), None, &mut Mode::Infer);
     let fast = fast.unwrap().squeeze(0).unwrap();
     for (what, h) in [("graph", &got), ("infer", &fast)] {
         let d = common::max_abs_diff(&bb.logits(h).unwrap(), &bb.logits(&want).unwrap());

@@ -6,19 +6,19 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::{max_abs_diff, tiny};
-use memgen::backbone::generate::{argmax, generate, ids_tensor, left_pad, Sampler, SamplingConfig};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{Arch, Backbone, LoraConfig, LoraSet, Mode};
+use memgen::backbone::generate::{argmax, generate, Sampler, SamplingConfig};
+use memgen::backbone::stream::positions_from_mask;
+use memgen::backbone::{Arch, Backbone, LoraConfig, LoraSet, Mode, Side, Stream};
 
 fn hidden(m: &Backbone, rows: &[Vec<u32>], mode: &mut Mode) -> (Tensor, Vec<Vec<u8>>) {
-    let (ids, mask) = left_pad(rows, 0);
-    let pos = positions_tensor(
-        &positions_from_mask(&mask, &vec![0; rows.len()]),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let x = m.embed(&ids_tensor(&ids, &Device::Cpu).unwrap()).unwrap();
-    (m.forward(&x, &mask, &pos, None, mode).unwrap(), mask)
+    let x = Stream::tokens(m, rows, 0, Side::Left).unwrap();
+    (m.forward(&x, None, mode).unwrap(), x.mask().to_vec())
+}
+
+/// Token ids with an explicit mask, positions by Hugging Face's rule.
+fn stream(m: &Backbone, ids: &[Vec<u32>], mask: &[Vec<u8>]) -> Stream {
+    let pos = positions_from_mask(mask, &vec![0; ids.len()]);
+    Stream::from_ids(m, ids, mask.to_vec(), pos).unwrap()
 }
 
 #[test]
@@ -55,13 +55,9 @@ fn a_mask_hole_hides_that_token() {
     // Masking a token must make the output independent of its value.
     for arch in common::FAMILIES {
         let m = common::tiny_family(arch, 2);
-        let dev = Device::Cpu;
         let run = |tok: u32| {
-            let ids = vec![vec![4, tok, 8, 15]];
-            let mask = vec![vec![1, 0, 1, 1]];
-            let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev).unwrap();
-            let x = m.embed(&ids_tensor(&ids, &dev).unwrap()).unwrap();
-            m.forward(&x, &mask, &pos, None, &mut Mode::Infer)
+            let x = stream(&m, &[vec![4, tok, 8, 15]], &[vec![1, 0, 1, 1]]);
+            m.forward(&x, None, &mut Mode::Infer)
                 .unwrap()
                 .i((0, 2.., ..))
                 .unwrap()
@@ -74,38 +70,25 @@ fn a_mask_hole_hides_that_token() {
 fn cached_chunks_equal_one_full_pass() {
     for arch in common::FAMILIES {
         let m = common::tiny_family(arch, 3);
-        let dev = Device::Cpu;
         let rows = vec![
             vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
             vec![0, 0, 0, 11, 12, 13, 14, 15, 16, 17],
         ];
         let mask = vec![vec![1u8; 10], [vec![0u8; 3], vec![1u8; 7]].concat()];
-        let pos = positions_from_mask(&mask, &[0, 0]);
-        let x = m.embed(&ids_tensor(&rows, &dev).unwrap()).unwrap();
-        let full = m
-            .forward(
-                &x,
-                &mask,
-                &positions_tensor(&pos, &dev).unwrap(),
-                None,
-                &mut Mode::Infer,
-            )
-            .unwrap();
+        let x = stream(&m, &rows, &mask);
+        let full = m.forward(&x, None, &mut Mode::Infer).unwrap();
         let mut cache = m.new_cache(2);
         let mut parts = vec![];
         for (s, e) in [(0, 4), (4, 5), (5, 10)] {
-            let xm = x.narrow(1, s, e - s).unwrap();
+            let xm = x.embeds().narrow(1, s, e - s).unwrap();
             let mm: Vec<Vec<u8>> = mask.iter().map(|r| r[s..e].to_vec()).collect();
-            let pm: Vec<Vec<u32>> = pos.iter().map(|r| r[s..e].to_vec()).collect();
+            let pm: Vec<Vec<u32>> = x.positions().iter().map(|r| r[s..e].to_vec()).collect();
+            // A chunk continuing the cache counts on from the real positions it holds.
+            let chunk = Stream::continuing(xm, mm, Some(&cache)).unwrap();
+            assert_eq!(chunk.positions(), &pm[..]);
             parts.push(
-                m.forward(
-                    &xm,
-                    &mm,
-                    &positions_tensor(&pm, &dev).unwrap(),
-                    Some(&mut cache),
-                    &mut Mode::Infer,
-                )
-                .unwrap(),
+                m.forward(&chunk, Some(&mut cache), &mut Mode::Infer)
+                    .unwrap(),
             );
         }
         let chunked = Tensor::cat(&parts, 1).unwrap();
@@ -312,8 +295,9 @@ fn fused_inference_with_adapters_equals_the_graph_path() {
 }
 
 /// A smooth scalar loss of the model's logits at the real (unpadded) positions, as training uses.
-fn loss(m: &Backbone, x: &Tensor, mask: &[Vec<u8>], pos: &Tensor) -> Tensor {
-    let h = m.forward(x, mask, pos, None, &mut Mode::Grad).unwrap();
+fn loss(m: &Backbone, x: &Tensor, mask: &[Vec<u8>], pos: &[Vec<u32>]) -> Tensor {
+    let x = Stream::new(x.clone(), mask.to_vec(), pos.to_vec()).unwrap();
+    let h = m.forward(&x, None, &mut Mode::Grad).unwrap();
     let logits = m.logits(&h).unwrap();
     let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
     let w: Vec<f32> = mask.concat().iter().map(|&v| v as f32).collect();
@@ -338,18 +322,18 @@ fn gradients_reach_lora_and_input_embeddings() {
             let r = Tensor::randn(0f32, 0.3, l.b.shape(), &Device::Cpu).unwrap();
             l.b.set(&r).unwrap();
         }
-        let dev = Device::Cpu;
         let rows = vec![vec![0, 3, 5, 8], vec![9, 1, 2, 6]];
         let mask = vec![vec![0, 1, 1, 1], vec![1, 1, 1, 1]];
-        let pos = positions_tensor(&positions_from_mask(&mask, &[0, 0]), &dev).unwrap();
+        let tokens = stream(&m, &rows, &mask);
+        let pos = tokens.positions();
         // Input embeddings as a trainable variable (as latents are).
-        let x = Var::from_tensor(&m.embed(&ids_tensor(&rows, &dev).unwrap()).unwrap()).unwrap();
-        let l = loss(&m, x.as_tensor(), &mask, &pos);
+        let x = Var::from_tensor(tokens.embeds()).unwrap();
+        let l = loss(&m, x.as_tensor(), &mask, pos);
         let grads = l.backward().unwrap();
         let first = m.lora.iter().next().unwrap().2.clone();
         let last = m.lora.iter().last().unwrap().2.clone();
         let f = || {
-            loss(&m, x.as_tensor(), &mask, &pos)
+            loss(&m, x.as_tensor(), &mask, pos)
                 .to_scalar::<f32>()
                 .unwrap()
         };
@@ -388,55 +372,41 @@ fn gradients_reach_lora_and_input_embeddings() {
 #[test]
 fn kv_cache_truncate_and_select_rows() {
     let m = tiny(Arch::Llama, 8);
-    let dev = Device::Cpu;
     let rows = vec![vec![1, 2, 3, 4], vec![5, 6, 7, 8]];
-    let mask = vec![vec![1u8; 4]; 2];
-    let pos = positions_from_mask(&mask, &[0, 0]);
-    let x = m.embed(&ids_tensor(&rows, &dev).unwrap()).unwrap();
     let mut cache = m.new_cache(2);
     m.forward(
-        &x,
-        &mask,
-        &positions_tensor(&pos, &dev).unwrap(),
+        &stream(&m, &rows, &vec![vec![1u8; 4]; 2]),
         Some(&mut cache),
         &mut Mode::Infer,
     )
     .unwrap();
     // Extra junk positions, then truncate: the next step must equal a fresh continuation.
-    let junk = m
-        .embed(&ids_tensor(&[vec![9, 9], vec![9, 9]], &dev).unwrap())
-        .unwrap();
-    let jp = positions_tensor(&[vec![4, 5], vec![4, 5]], &dev).unwrap();
-    let mut c2 = cache.clone();
-    m.forward(
-        &junk,
-        &[vec![1, 1], vec![1, 1]],
-        &jp,
-        Some(&mut c2),
-        &mut Mode::Infer,
+    let ones = |n: usize| vec![vec![1u8; n]; 2];
+    let junk = Stream::continuing(
+        stream(&m, &[vec![9, 9], vec![9, 9]], &ones(2))
+            .embeds()
+            .clone(),
+        ones(2),
+        Some(&cache),
     )
     .unwrap();
+    assert_eq!(junk.positions(), &[vec![4, 5], vec![4, 5]]);
+    let mut c2 = cache.clone();
+    m.forward(&junk, Some(&mut c2), &mut Mode::Infer).unwrap();
     c2.truncate(4);
-    let nx = m
-        .embed(&ids_tensor(&[vec![11], vec![12]], &dev).unwrap())
-        .unwrap();
-    let np = positions_tensor(&[vec![4], vec![4]], &dev).unwrap();
-    let one = vec![vec![1u8]; 2];
+    let next =
+        Stream::from_ids(&m, &[vec![11], vec![12]], ones(1), vec![vec![4], vec![4]]).unwrap();
     let a = m
-        .forward(&nx, &one, &np, Some(&mut cache.clone()), &mut Mode::Infer)
+        .forward(&next, Some(&mut cache.clone()), &mut Mode::Infer)
         .unwrap();
-    let b = m
-        .forward(&nx, &one, &np, Some(&mut c2), &mut Mode::Infer)
-        .unwrap();
+    let b = m.forward(&next, Some(&mut c2), &mut Mode::Infer).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-6);
-    // Selecting row 1 alone gives row 1's result.
+    // Selecting row 1 alone (of the cache and of the stream) gives row 1's result.
     let mut c3 = cache.clone();
     c3.select_rows(&[1]).unwrap();
     let c = m
         .forward(
-            &nx.i(1..2).unwrap(),
-            &one[..1],
-            &np.i(1..2).unwrap(),
+            &next.select_rows(&[1]).unwrap(),
             Some(&mut c3),
             &mut Mode::Infer,
         )

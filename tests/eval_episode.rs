@@ -10,7 +10,7 @@ use memgen::backbone::generate::{argmax, Sampler, SamplingConfig};
 use memgen::backbone::Mode;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::retrieval::{Passage, Retriever};
-use memgen::tasks::episode::{run_episodes, EpisodeOptions};
+use memgen::rollout::episode::{run_episodes, EpisodeOptions};
 use memgen::tasks::search::{EnvConfig, SearchEnv};
 use memgen::tasks::{render_chatml, Message, Sample};
 

@@ -6,8 +6,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use memgen::backbone::model::{positions_from_mask, positions_tensor};
-use memgen::backbone::{Backbone, Kernels, LoraConfig, LoraSet, Mode, Target};
+use memgen::backbone::{Backbone, Kernels, LoraConfig, LoraSet, Mode, Stream, Target};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::training::optim::{AdamW, AdamWConfig};
@@ -81,15 +80,12 @@ fn logits_with_cache(bb: &Backbone, grad: bool) -> (Vec<Tensor>, Vec<Vec<Vec<u8>
     for (tok, mask) in steps {
         let l = mask[0].len();
         let x = bb.embed(&ids(&tok, l)).unwrap();
-        let pos = positions_from_mask(&mask, &start);
+        let stream = Stream::from_mask(x, mask.clone(), &start).unwrap();
         for (s, row) in start.iter_mut().zip(&mask) {
             *s += row.iter().map(|&m| m as u32).sum::<u32>();
         }
-        let pos = positions_tensor(&pos, &Device::Cpu).unwrap();
         let mut mode = if grad { Mode::Grad } else { Mode::Infer };
-        let h = bb
-            .forward(&x, &mask, &pos, Some(&mut cache), &mut mode)
-            .unwrap();
+        let h = bb.forward(&stream, Some(&mut cache), &mut mode).unwrap();
         out.push(if grad {
             bb.logits(&h).unwrap()
         } else {

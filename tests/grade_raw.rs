@@ -25,7 +25,8 @@ fn grade_rows(cfg: &TaskConfig, dir: &Path, name: &str, rows: &[Value]) -> (Vec<
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(&input, text).unwrap();
     let output = dir.join(format!("graded-{name}"));
-    let summary = grade::grade_with_config(cfg, &input, Some(&output)).unwrap();
+    let task = build_task(cfg).unwrap();
+    let summary = grade::grade_file(task.as_ref(), &input, Some(&output)).unwrap();
     let rewards = std::fs::read_to_string(&output)
         .unwrap()
         .lines()

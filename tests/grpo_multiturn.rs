@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use memgen::backbone::generate::SamplingConfig;
 use memgen::backbone::{Arch, Mode, TextTokenizer};
-use memgen::config::GrpoConfig;
+use memgen::config::{GrpoConfig, IntervalStrategy, LossType, TrainingArgs};
 use memgen::memory::checkpoint::Part;
 use memgen::memory::{MemGenModel, MemGenSpec};
 use memgen::retrieval::client::RetrievalConfig;
@@ -22,6 +22,7 @@ use memgen::retrieval::server::{BackgroundServer, ServerOptions};
 use memgen::tasks::search::SearchEnv;
 use memgen::tasks::{build_task, render_chatml, Message, Sample, Split, Task, TaskConfig};
 use memgen::training::grpo::{self, LossSpec, Policy, Rollout};
+use memgen::training::Session;
 
 /// Words of the corpus below, one per search word (a vocabulary maps each word to one id).
 const QUERIES: [&str; 12] = [
@@ -242,7 +243,7 @@ fn multi_turn_rollouts_keep_observations_out_of_the_loss() {
     let rs = multi_turn_rollouts(&setup, &m, 3);
     assert_eq!(rs.len(), 8);
     let spec = LossSpec {
-        loss_type: "bnpo".into(),
+        loss_type: LossType::Bnpo,
         eps_low: 0.2,
         eps_high: 0.2,
         beta: 0.0,
@@ -349,7 +350,7 @@ fn weaver_gradient_comes_from_generated_tokens_only() {
         .find(|r| r.loss_mask.iter().skip_while(|&&g| !g).any(|&g| !g))
         .expect("a rollout with an observation");
     let spec = LossSpec {
-        loss_type: "bnpo".into(),
+        loss_type: LossType::Bnpo,
         eps_low: 0.2,
         eps_high: 0.2,
         beta: 0.0,
@@ -443,25 +444,25 @@ fn one_step(target: grpo::Target, out: &Path) {
     let env = setup.env(&m);
     let before = (trainable(&m, Part::Weaver), trainable(&m, Part::Trigger));
     let cfg = GrpoConfig {
-        max_steps: Some(1),
-        per_device_train_batch_size: 8,
+        args: TrainingArgs {
+            max_steps: Some(1),
+            per_device_train_batch_size: 8,
+            learning_rate: 1e-2,
+            warmup_ratio: 0.0,
+            eval_strategy: IntervalStrategy::No,
+            save_strategy: IntervalStrategy::No,
+            ..GrpoConfig::default().args
+        },
         num_generations: 4,
         max_completion_length: 6,
-        learning_rate: 1e-2,
-        warmup_ratio: 0.0,
-        eval_strategy: "no".into(),
-        save_strategy: "no".into(),
         ..GrpoConfig::default()
     };
     let run = grpo::GrpoRun {
         cfg,
         target,
-        seed: 3,
-        out: out.to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        // Each prompt's group is now sampled with its own seed (data parallelism, docs/DESIGN.md):
+        // seed 3's new draws gave both groups equal rewards (no advantage, no gradient); 4 does not.
+        session: Session::new(4, out),
     };
     let o = grpo::train_grpo(&m, &run, setup.task.as_ref(), Some(&env), &setup.train, &[]).unwrap();
     assert_eq!(o.steps, 1);
@@ -510,18 +511,16 @@ fn grpo_without_the_search_environment_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let run = grpo::GrpoRun {
         cfg: GrpoConfig {
-            max_steps: Some(1),
-            per_device_train_batch_size: 4,
+            args: TrainingArgs {
+                max_steps: Some(1),
+                per_device_train_batch_size: 4,
+                ..GrpoConfig::default().args
+            },
             num_generations: 4,
             ..GrpoConfig::default()
         },
         target: grpo::Target::Weaver,
-        seed: 1,
-        out: dir.path().to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(1, dir.path()),
     };
     let err = grpo::train_grpo(&m, &run, setup.task.as_ref(), None, &setup.train, &[])
         .unwrap_err()

@@ -53,21 +53,10 @@ run:
     p
 }
 
-struct Setup {
-    _model: tempfile::TempDir,
-    work: tempfile::TempDir,
-    config: PathBuf,
-}
+use common::RunSetup as Setup;
 
 fn setup() -> Setup {
-    let (model, _) = common::tiny_hf_dir("qwen2");
-    let work = tempfile::tempdir().unwrap();
-    let config = write_config(work.path(), model.path());
-    Setup {
-        _model: model,
-        work,
-        config,
-    }
+    common::run_setup(write_config)
 }
 
 impl Setup {

@@ -8,14 +8,17 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use memgen::backbone::Arch;
-use memgen::config::{GrpoConfig, SftConfig};
+use memgen::config::{
+    GrpoConfig, IntervalStrategy, LossType, LrScheduler, SftConfig, TrainingArgs,
+};
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel, MemGenSpec};
 use memgen::tasks::{Graded, Message, Sample, Split, Task};
-use memgen::training::grpo::{self, advantages, policy_loss, LossSpec};
+use memgen::training::grpo::{self, advantages, seq_weights, sequence_loss, LossSpec};
 use memgen::training::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use memgen::training::schedule::Schedule;
 use memgen::training::sft::{self, SftRun};
+use memgen::training::Session;
 use rand::SeedableRng;
 
 fn tiny_memgen(trigger: bool) -> MemGenModel {
@@ -53,16 +56,19 @@ fn rows(m: &MemGenModel) -> Vec<TfRow> {
 
 fn sft_cfg(steps: usize, lr: f64) -> SftConfig {
     SftConfig {
-        max_steps: Some(steps),
-        per_device_train_batch_size: 2,
-        per_device_eval_batch_size: 4,
-        learning_rate: lr,
-        warmup_ratio: 0.1,
-        logging_steps: 1,
-        eval_strategy: "steps".into(),
-        eval_steps: 3,
-        save_strategy: "steps".into(),
-        save_steps: 2,
+        args: TrainingArgs {
+            max_steps: Some(steps),
+            per_device_train_batch_size: 2,
+            per_device_eval_batch_size: 4,
+            learning_rate: lr,
+            warmup_ratio: 0.1,
+            logging_steps: 1,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: 3,
+            save_strategy: IntervalStrategy::Steps,
+            save_steps: 2,
+            ..SftConfig::default().args
+        },
         ..SftConfig::default()
     }
 }
@@ -128,20 +134,20 @@ fn grad_clipping_uses_the_global_norm() {
 
 #[test]
 fn schedules_follow_hugging_face() {
-    let c = Schedule::new("cosine", 1.0, 0.1, 10);
+    let c = Schedule::new(LrScheduler::Cosine, 1.0, 0.1, 10);
     assert_eq!(c.warmup_steps, 1);
     assert_eq!(c.factor(0), 0.0);
     assert!((c.factor(1) - 1.0).abs() < 1e-12);
     let want = 0.5 * (1.0 + (std::f64::consts::PI * 5.0 / 9.0).cos());
     assert!((c.factor(6) - want).abs() < 1e-12);
     assert!(c.factor(10).abs() < 1e-12);
-    let l = Schedule::new("linear", 2.0, 0.15, 10);
+    let l = Schedule::new(LrScheduler::Linear, 2.0, 0.15, 10);
     assert_eq!(l.warmup_steps, 2);
     assert!((l.lr(1) - 1.0).abs() < 1e-12);
     assert!((l.lr(5) - 2.0 * 5.0 / 8.0).abs() < 1e-12);
-    let k = Schedule::new("constant", 3.0, 0.5, 10);
+    let k = Schedule::new(LrScheduler::Constant, 3.0, 0.5, 10);
     assert_eq!(k.lr(0), 3.0);
-    let kw = Schedule::new("constant_with_warmup", 3.0, 0.5, 10);
+    let kw = Schedule::new(LrScheduler::ConstantWithWarmup, 3.0, 0.5, 10);
     assert!((kw.lr(1) - 0.6).abs() < 1e-12);
     assert_eq!(kw.lr(7), 3.0);
 }
@@ -158,9 +164,49 @@ fn grpo_advantages_by_hand() {
     assert_eq!(u, vec![1.0, -1.0, 0.0]);
 }
 
+/// The GRPO loss of a batch of policy tokens as training computes it: token i belongs to sequence
+/// `seq[i]` (advantage `adv[seq[i]]`), and each sequence adds its [`sequence_loss`] term with its
+/// [`seq_weights`] weight.
+fn batch_loss(
+    new: &[f64],
+    old: &[f64],
+    refl: Option<&[f64]>,
+    adv: &[f64],
+    seq: &[usize],
+    spec: &LossSpec,
+) -> f64 {
+    let t = |v: Vec<f64>| {
+        let n = v.len();
+        Tensor::from_vec(v.into_iter().map(|x| x as f32).collect(), n, &Device::Cpu).unwrap()
+    };
+    let of = |v: &[f64], s: usize| -> Vec<f64> {
+        (0..v.len())
+            .filter(|&i| seq[i] == s)
+            .map(|i| v[i])
+            .collect()
+    };
+    let lens: Vec<usize> = (0..adv.len()).map(|s| of(new, s).len()).collect();
+    let w = seq_weights(&lens, spec);
+    (0..adv.len())
+        .map(|s| {
+            let reference = refl.map(|r| t(of(r, s)));
+            sequence_loss(
+                &t(of(new, s)),
+                Some(&t(of(old, s))),
+                reference.as_ref(),
+                adv[s],
+                w[s],
+                spec,
+            )
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+        })
+        .sum()
+}
+
 #[test]
 fn grpo_losses_by_hand() {
-    let dev = Device::Cpu;
     // Three policy tokens: two of sequence 0 (A = 1), one of sequence 1 (A = −0.5), plus a fourth
     // of sequence 1 whose ratio is clipped from above.
     let new = [-1.0f64, -2.0, -0.5, -1.0];
@@ -177,20 +223,15 @@ fn grpo_losses_by_hand() {
         .collect();
     // Token 3: r = e^0.5 ≈ 1.65, A < 0: min(r·A, 1.2·A) = r·A (unclipped, pessimistic side).
     assert!((per[3] - 0.5 * 0.5f64.exp()).abs() < 1e-12);
-    let t =
-        |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &dev).unwrap();
-    let loss = |ty: &str, beta: f64, refl: Option<&Tensor>| {
+    let loss = |ty: &str, beta: f64, refl: Option<&[f64]>| {
         let spec = LossSpec {
-            loss_type: ty.into(),
+            loss_type: ty.parse().unwrap(),
             eps_low: eps,
             eps_high: eps,
             beta,
             max_completion_length: 5,
         };
-        policy_loss(&t(&new), &t(&old), refl, &adv, &seq, &spec)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
+        batch_loss(&new, &old, refl, &adv, &seq, &spec)
     };
     let sum: f64 = per.iter().sum();
     assert!((loss("bnpo", 0.0, None) - sum / 4.0).abs() < 1e-6);
@@ -205,20 +246,17 @@ fn grpo_losses_by_hand() {
             d.exp() - d - 1.0
         })
         .sum();
-    let got = loss("bnpo", 0.1, Some(&t(&refv)));
+    let got = loss("bnpo", 0.1, Some(&refv[..]));
     assert!((got - (sum + 0.1 * kl) / 4.0).abs() < 1e-6);
     // Asymmetric clip: ε_high = 0.28 changes the clipped value of an A > 0 token with r > 1.2.
     let spec = LossSpec {
-        loss_type: "bnpo".into(),
+        loss_type: LossType::Bnpo,
         eps_low: 0.2,
         eps_high: 0.28,
         beta: 0.0,
         max_completion_length: 5,
     };
-    let l = policy_loss(&t(&[0.0]), &t(&[-0.5]), None, &[1.0], &[0], &spec)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let l = batch_loss(&[0.0], &[-0.5], None, &[1.0], &[0], &spec);
     assert!((l + 1.28).abs() < 1e-6);
 }
 
@@ -228,18 +266,13 @@ fn tiny_model_overfits_four_samples() {
     let r = rows(&m);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = sft_cfg(80, 3e-2);
-    cfg.per_device_train_batch_size = 4;
-    cfg.logging_steps = 10;
-    cfg.warmup_ratio = 0.0;
+    cfg.args.per_device_train_batch_size = 4;
+    cfg.args.logging_steps = 10;
+    cfg.args.warmup_ratio = 0.0;
     let before = sft::eval_loss(&m, &r, 4).unwrap();
     let run = SftRun {
         cfg,
-        seed: 1,
-        out: dir.path().to_path_buf(),
-        resume: None,
-        stop_after: None,
-        settings: None,
-        resume_anyway: false,
+        session: Session::new(1, dir.path()),
     };
     let o = sft::train_sft(&m, &run, &r, &r).unwrap();
     let after = sft::eval_loss(&m, &r, 4).unwrap();
@@ -277,12 +310,10 @@ fn sft_resume_case(q: f64) {
                 insertion_probability: q,
                 ..sft_cfg(6, 5e-3)
             },
-            seed: 3,
-            out: out.to_path_buf(),
-            resume: None,
-            stop_after: stop,
-            settings: None,
-            resume_anyway: false,
+            session: Session {
+                stop_after: stop,
+                ..Session::new(3, out)
+            },
         };
         sft::train_sft(&m, &run, &r, &r[..2]).unwrap()
     };
@@ -385,17 +416,20 @@ impl Task for Toy {
 
 fn grpo_cfg() -> GrpoConfig {
     GrpoConfig {
-        max_steps: Some(4),
-        per_device_train_batch_size: 4,
+        args: TrainingArgs {
+            max_steps: Some(4),
+            per_device_train_batch_size: 4,
+            learning_rate: 1e-2,
+            eval_strategy: IntervalStrategy::No,
+            save_strategy: IntervalStrategy::Steps,
+            save_steps: 1,
+            ..GrpoConfig::default().args
+        },
         num_generations: 4,
         num_iterations: 2,
         max_completion_length: 6,
-        learning_rate: 1e-2,
-        eval_strategy: "no".into(),
-        save_strategy: "steps".into(),
-        save_steps: 1,
         beta: 0.05,
-        loss_type: "grpo".into(),
+        loss_type: LossType::Grpo,
         insertion_penalty: 0.5,
         ..GrpoConfig::default()
     }
@@ -412,12 +446,10 @@ fn grpo_runs_and_resumes_bit_identically() {
             let run = grpo::GrpoRun {
                 cfg: grpo_cfg(),
                 target,
-                seed: 5,
-                out: out.to_path_buf(),
-                resume: None,
-                stop_after: stop,
-                settings: None,
-                resume_anyway: false,
+                session: Session {
+                    stop_after: stop,
+                    ..Session::new(5, out)
+                },
             };
             grpo::train_grpo(&m, &run, &Toy, None, &data, &[]).unwrap()
         };

@@ -3,6 +3,8 @@
 /// Run a bench's body; an error (bad arguments, a missing file) ends as one line on stderr and
 /// exit status 1, as in the `memgen` CLI, never a backtrace.
 pub fn main(run: fn() -> anyhow::Result<()>) {
+    // As the `memgen` binary does, so the benches time what users run.
+    memgen::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {}", memgen::cli::one_line(&e));
         std::process::exit(1);

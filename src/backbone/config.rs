@@ -259,7 +259,7 @@ impl Config {
         })
     }
 
-    /// From a Hugging Face `config.json` (see [`super::hf_config`]).
+    /// From a Hugging Face `config.json` (see `hf_config.rs`).
     pub fn from_hf_json(text: &str, file: &str) -> Result<Config, BackboneError> {
         super::hf_config::parse(text, file)
     }

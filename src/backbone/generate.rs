@@ -1,11 +1,12 @@
 //! Batched generation for the plain backbone: left-padded prompts, one prefill, then KV-cached
 //! decoding with greedy or temperature / top-k / top-p sampling from a seeded RNG.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, IndexOp};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::model::{positions_from_mask, positions_tensor, Backbone, Mode};
+use super::model::{Backbone, Mode};
+use super::stream::{Side, Stream};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,34 +126,6 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Left-pad token rows: (ids, mask).
-pub fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
-    let max = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let ids = rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![pad_id; max - r.len()];
-            v.extend_from_slice(r);
-            v
-        })
-        .collect();
-    let mask = rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; max - r.len()];
-            v.extend(std::iter::repeat_n(1u8, r.len()));
-            v
-        })
-        .collect();
-    (ids, mask)
-}
-
-pub fn ids_tensor(ids: &[Vec<u32>], device: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let b = ids.len();
-    let l = ids.first().map(|r| r.len()).unwrap_or(0);
-    Tensor::from_vec(ids.concat(), (b, l), device)
-}
-
 /// One generated sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
@@ -184,25 +157,16 @@ pub fn generate(
         } else {
             format!("prompt {r} of the batch")
         };
-        let budget = crate::memory::limits::Budget {
+        let budget = super::limits::Budget {
             tokens: p.len(),
             new_tokens: sampler.cfg.max_new_tokens,
             latents: 0,
         };
-        crate::memory::limits::check_backbone(model, "model", &what, budget, false)?;
+        super::limits::check_backbone(model, "model", &what, budget, false)?;
     }
-    let dev = model.device().clone();
-    let (ids, mask) = left_pad(prompts, pad_id);
     let mut cache = model.new_cache(b);
-    let pos = positions_from_mask(&mask, &vec![0; b]);
-    let x = model.embed(&ids_tensor(&ids, &dev)?)?;
-    let hidden = model.forward(
-        &x,
-        &mask,
-        &positions_tensor(&pos, &dev)?,
-        Some(&mut cache),
-        &mut Mode::Infer,
-    )?;
+    let prefill = Stream::tokens(model, prompts, pad_id, Side::Left)?;
+    let hidden = model.forward(&prefill, Some(&mut cache), &mut Mode::Infer)?;
     let l = hidden.dim(1)?;
     let mut last = hidden.i((.., l - 1..l, ..))?;
     let mut out: Vec<Generated> = vec![
@@ -241,10 +205,10 @@ pub fn generate(
         {
             break;
         }
-        let x = model.embed(&Tensor::from_vec(step, (b, 1), &dev)?)?;
-        let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
-        let m = vec![vec![1u8]; b];
-        last = model.forward(&x, &m, &pos, Some(&mut cache), &mut Mode::Infer)?;
+        let ids: Vec<Vec<u32>> = step.iter().map(|&t| vec![t]).collect();
+        let pos = next_pos.iter().map(|&p| vec![p]).collect();
+        let x = Stream::from_ids(model, &ids, vec![vec![1u8]; b], pos)?;
+        last = model.forward(&x, Some(&mut cache), &mut Mode::Infer)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
     }
     Ok(out)

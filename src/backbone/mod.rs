@@ -3,15 +3,19 @@
 //! a Hugging Face directory or a hub repo id; its tokenizer and chat template; generation.
 
 pub mod chat;
-pub mod config;
+pub(crate) mod config;
 pub mod generate;
-pub mod hf_config;
-pub mod kernels;
-pub mod lora;
+pub(crate) mod hf_config;
+pub(crate) mod kernels;
+pub(crate) mod limits;
+pub(crate) mod lora;
+// Public only for the mask → positions helpers the tests and benches build inputs with.
+#[doc(hidden)]
 pub mod model;
-pub mod ops;
-pub mod tokenizer;
-pub mod weights;
+pub(crate) mod ops;
+pub mod stream;
+pub(crate) mod tokenizer;
+pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +26,7 @@ pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
 pub use ops::Kernels;
+pub use stream::{Side, Stream, StreamError};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
 
@@ -36,8 +41,6 @@ pub enum BackboneError {
     },
     #[error("{file}: {msg}")]
     Format { file: String, msg: String },
-    #[error("{0}")]
-    Other(String),
 }
 
 impl BackboneError {

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::kernels::PackedWeight;
 use super::lora::{LoraSet, Target};
 use super::ops::{self, AttnSpec, Kernels, LoraUpdate, Ops, Packing};
+use super::stream::Stream;
 use super::weights::BaseWeights;
 use super::Config;
 
@@ -245,18 +246,18 @@ impl Backbone {
             .linear(hidden, &w.lm_head, Some(&w.lm_head_packed))
     }
 
-    /// Run the decoder over new input embeddings `x` (B × L × d) with attention mask `mask` for
-    /// those positions (B × L, 1 = real, 0 = padding) and position ids `positions` (B × L, u32).
-    /// With a cache, the new positions attend to everything cached and are appended to it.
+    /// Run the decoder over a new [`Stream`]: its embeddings (B × L × d), attention mask for
+    /// those positions (1 = real, 0 = padding) and position ids. With a cache, the new positions
+    /// attend to everything cached and are appended to it.
     /// Returns the final hidden states after the final norm (B × L × d).
     pub fn forward(
         &self,
-        x: &Tensor,
-        mask: &[Vec<u8>],
-        positions: &Tensor,
+        stream: &Stream,
         mut cache: Option<&mut KvCache>,
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
+        let (x, mask) = (stream.embeds(), stream.mask());
+        let positions = &stream.positions_tensor()?;
         let c = self.config();
         let (b, l, _) = x.dims3()?;
         if mask.len() != b || mask.iter().any(|r| r.len() != l) {
@@ -525,33 +526,6 @@ impl Pass<'_> {
             None => Ok(x.clone()),
         }
     }
-}
-
-/// Position ids for a left-padded batch, as Hugging Face derives them: cumsum(mask) − 1, counted
-/// from `start[row]` (the number of real positions already cached for that row); padding gets 0.
-pub fn positions_from_mask(mask: &[Vec<u8>], start: &[u32]) -> Vec<Vec<u32>> {
-    mask.iter()
-        .zip(start)
-        .map(|(row, &s)| {
-            let mut n = s;
-            row.iter()
-                .map(|&m| {
-                    if m != 0 {
-                        n += 1;
-                        n - 1
-                    } else {
-                        0
-                    }
-                })
-                .collect()
-        })
-        .collect()
-}
-
-pub fn positions_tensor(pos: &[Vec<u32>], device: &Device) -> candle_core::Result<Tensor> {
-    let b = pos.len();
-    let l = pos.first().map(|r| r.len()).unwrap_or(0);
-    Tensor::from_vec(pos.concat(), (b, l), device)
 }
 
 /// Softmax over the last dimension of logits, in f32 (for log-probs and sampling).

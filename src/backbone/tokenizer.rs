@@ -66,10 +66,6 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))
     }
 
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -77,7 +73,7 @@ impl TextTokenizer {
     /// Render the model's own chat template (for `generate --chat`; tasks use MemGen's fixed ChatML).
     pub fn apply_chat_template(
         &self,
-        messages: &[crate::tasks::Message],
+        messages: &[super::chat::Message],
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
         let template = self

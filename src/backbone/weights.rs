@@ -270,7 +270,9 @@ impl BaseWeights {
                 BackboneError::format(&shown, format!("not a readable safetensors file: {e}"))
             })?;
         let has = |name: &str| st.get(name).is_ok();
-        // bf16/f16/f32 storage is upcast exactly (to_dtype widens without rounding).
+        // Stored bf16/f16/f32 goes straight to the compute dtype: the same dtype is a copy of the
+        // stored bits and widening is exact (tests/dtypes.rs); only narrowing (f32 → bf16, or
+        // between bf16 and f16) rounds, once, to nearest.
         let load = |name: &str| -> Result<Tensor, BackboneError> {
             if !has(name) {
                 // Candle's own error carries a multi-line backtrace; this is one line.

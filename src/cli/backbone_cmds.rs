@@ -9,9 +9,8 @@ use clap::Args;
 
 use super::memory_args::{build_memgen, MemoryArgs};
 use super::ModelArgs;
-use crate::backbone::generate::{generate as run_generate, ids_tensor, Sampler, SamplingConfig};
-use crate::backbone::model::{positions_from_mask, positions_tensor};
-use crate::backbone::{self, LoadedModel, Mode, TextTokenizer};
+use crate::backbone::generate::{generate as run_generate, Sampler, SamplingConfig};
+use crate::backbone::{self, LoadedModel, Mode, Side, TextTokenizer};
 use crate::memory::generate::MemoryOptions;
 use crate::memory::limits::{check_backbone, check_context, Budget};
 use crate::memory::teacher::TfRow;
@@ -247,13 +246,10 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
 
 /// For each position, the `k` highest logits as (id, logit), sorted descending.
 pub fn top_logits(m: &LoadedModel, ids: &[u32], k: usize) -> anyhow::Result<Vec<Vec<(u32, f32)>>> {
-    let dev = m.backbone.device().clone();
-    let mask = vec![vec![1u8; ids.len()]];
-    let pos = positions_tensor(&positions_from_mask(&mask, &[0]), &dev)?;
-    let x = m.backbone.embed(&ids_tensor(&[ids.to_vec()], &dev)?)?;
+    let x = backbone::Stream::tokens(&m.backbone, &[ids.to_vec()], m.tokenizer.pad_id, Side::Left)?;
     let h = m
         .backbone
-        .forward(&x, &mask, &pos, None, &mut Mode::Infer)
+        .forward(&x, None, &mut Mode::Infer)
         .context("forward pass")?;
     let logits = m
         .backbone

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::backbone::{self, generate::SamplingConfig};
+use crate::backbone::generate::SamplingConfig;
 use crate::config::{parse_options, RunConfig};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::limits::Budget;
 use crate::memory::{MemGenModel, MemGenSpec};
-use crate::tasks::episode::EpisodeOptions;
-use crate::tasks::eval::{evaluate, EvalSettings};
+use crate::rollout::episode::EpisodeOptions;
+use crate::rollout::eval::{evaluate, EvalSettings};
 use crate::tasks::search::SearchEnv;
 use crate::tasks::{build_task, Split};
 
@@ -46,7 +46,7 @@ pub struct EvalArgs {
 
 /// The model to evaluate: vanilla, a checkpoint, or (only when asked) an untrained weaver.
 fn build_model(args: &EvalArgs, cfg: &RunConfig) -> anyhow::Result<(MemGenModel, String)> {
-    let device = backbone::parse_device(&cfg.model.device)?;
+    let device = cfg.model.device.open()?;
     let mut spec = cfg.memgen_spec(false);
     if args.vanilla {
         // Zero-length memories are the plain reasoner exactly, with no weaver compute.
@@ -232,7 +232,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     // code 128 + signal; a second one exits at once (after a row write in progress).
     crate::signals::install("finishing the current batch, then stopping");
     let metrics = evaluate(&model, task.as_ref(), &samples, env.as_ref(), &settings)?;
-    println!("{}", serde_json::to_string(&metrics)?);
-    eprintln!("eval: wrote {}", dir.display());
+    if crate::distributed::world().is_root() {
+        println!("{}", serde_json::to_string(&metrics)?);
+        eprintln!("eval: wrote {}", dir.display());
+    }
     Ok(())
 }

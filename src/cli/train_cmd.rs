@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{GrpoConfig, RunConfig};
+use crate::config::{GrpoConfig, RunConfig, TrainMethod};
 use crate::memory::checkpoint::{resolve_checkpoint, Part};
 use crate::memory::limits::{self, Budget};
 use crate::memory::MemGenModel;
@@ -68,14 +68,14 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let ds = cfg.dataset()?;
     let task = build_task(&ds.task)?;
     let method = match which {
-        Which::Weaver => cfg.run.train_weaver_method.clone(),
-        Which::Trigger => "grpo".into(),
+        Which::Weaver => cfg.run.train_weaver_method,
+        Which::Trigger => TrainMethod::Grpo,
     };
     if which == Which::Weaver && !cfg.run.train_weaver {
         anyhow::bail!("run.train_weaver is false: nothing for weaver-train to do");
     }
     // GRPO on a search task rolls out against the retrieval server: fail now, not mid-run.
-    let search = method == "grpo" && task.multi_turn();
+    let search = method == TrainMethod::Grpo && task.multi_turn();
     if search {
         check_retriever(&HttpRetriever::new(cfg.retrieval.clone())?)?;
     }
@@ -83,7 +83,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     crate::util::write_atomic(&out.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
 
-    let device = crate::backbone::parse_device(&cfg.model.device)?;
+    let device = cfg.model.device.open()?;
     let spec = cfg.memgen_spec(which == Which::Trigger);
     let model = MemGenModel::build(&spec, &device)?;
     if let Some(t) = model.trigger.as_ref().filter(|_| which == Which::Trigger) {
@@ -127,11 +127,19 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
     let train_samples = task.load(Split::Train)?;
     let valid_samples = task.load(Split::Valid).unwrap_or_default();
 
-    match (which, method.as_str()) {
-        (Which::Weaver, "sft") => {
+    let session = |kind: &str| -> anyhow::Result<training::Session> {
+        Ok(training::Session {
+            resume: args.resume.clone(),
+            settings: Some(resume::settings(&cfg, kind)?),
+            resume_anyway: args.resume_anyway,
+            ..training::Session::new(cfg.run.seed, out.clone())
+        })
+    };
+    match (which, method) {
+        (Which::Weaver, TrainMethod::Sft) => {
             let s = &cfg.run.weaver.sft;
-            let train = limit(train_samples, s.max_train_samples);
-            let valid = limit(valid_samples, s.max_eval_samples);
+            let train = limit(train_samples, s.args.max_train_samples);
+            let valid = limit(valid_samples, s.args.max_eval_samples);
             let (tr, n1) = sft::sft_rows(&model, &train, s.max_length)?;
             let (va, n2) = sft::sft_rows(&model, &valid, s.max_length)?;
             sft_row_notes(&model, s.max_length, n1, n2);
@@ -144,12 +152,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             );
             let run = sft::SftRun {
                 cfg: s.clone(),
-                seed: cfg.run.seed,
-                out: out.clone(),
-                resume: args.resume.clone(),
-                stop_after: None,
-                settings: Some(resume::settings(&cfg, "sft")?),
-                resume_anyway: args.resume_anyway,
+                session: session("sft")?,
             };
             let o = sft::train_sft(&model, &run, &tr, &va)?;
             println!(
@@ -168,8 +171,8 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
                 Which::Weaver => &cfg.run.weaver.grpo,
                 Which::Trigger => &cfg.run.trigger.grpo,
             };
-            let train = limit(train_samples, g.max_train_samples);
-            let valid = limit(valid_samples, g.max_eval_samples);
+            let train = limit(train_samples, g.args.max_train_samples);
+            let valid = limit(valid_samples, g.args.max_eval_samples);
             let target = if w == Which::Weaver {
                 grpo::Target::Weaver
             } else {
@@ -195,12 +198,7 @@ pub fn run(args: TrainArgs, which: Which) -> anyhow::Result<()> {
             let run = grpo::GrpoRun {
                 cfg: g.clone(),
                 target,
-                seed: cfg.run.seed,
-                out: out.clone(),
-                resume: args.resume.clone(),
-                stop_after: None,
-                settings: Some(resume::settings(&cfg, target.kind())?),
-                resume_anyway: args.resume_anyway,
+                session: session(target.kind())?,
             };
             eprintln!(
                 "{} grpo on {}: {} train prompts, {} validation prompts → {}",

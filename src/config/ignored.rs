@@ -3,9 +3,10 @@
 //! nothing is never silent. A key warns only when its value asks for something memgen does not
 //! do (`bf16: true`, `report_to: [tensorboard]`, `optim: sgd`, …); the value memgen's behaviour
 //! already matches (`bf16: false`, `optim: adamw_torch`, …) stays quiet. Unknown keys remain
-//! errors (serde's `deny_unknown_fields`).
+//! errors (serde's `deny_unknown_fields`, and `phases.rs` for the training sections), and so
+//! are values outside a key's closed set (`run.mode: trian`, `optim: adamw_trch`).
 
-use super::{GenerationConfig, GrpoConfig, RunConfig, SftConfig};
+use super::{GenerationConfig, IntervalStrategy, RunConfig, TrainingArgs};
 use crate::backbone::LoraConfig;
 
 /// Why a key is ignored, and what to do instead.
@@ -14,43 +15,8 @@ struct Ignored {
     why: &'static str,
 }
 
-/// The optimiser names memgen's AdamW (computed like `torch.optim.AdamW`) stands for.
-const ADAMW: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
-
-/// The settings shared by SFT and GRPO (Hugging Face TrainingArguments names).
-struct Common<'a> {
-    bf16: bool,
-    report_to: &'a [String],
-    remove_unused_columns: bool,
-    optim: &'a str,
-    logging_strategy: &'a str,
-}
-
-impl<'a> From<&'a SftConfig> for Common<'a> {
-    fn from(c: &'a SftConfig) -> Self {
-        Common {
-            bf16: c.bf16,
-            report_to: &c.report_to,
-            remove_unused_columns: c.remove_unused_columns,
-            optim: &c.optim,
-            logging_strategy: &c.logging_strategy,
-        }
-    }
-}
-
-impl<'a> From<&'a GrpoConfig> for Common<'a> {
-    fn from(c: &'a GrpoConfig) -> Self {
-        Common {
-            bf16: c.bf16,
-            report_to: &c.report_to,
-            remove_unused_columns: c.remove_unused_columns,
-            optim: &c.optim,
-            logging_strategy: &c.logging_strategy,
-        }
-    }
-}
-
-fn common(at: &str, c: Common, out: &mut Vec<Ignored>) {
+/// The settings SFT and GRPO share, at `at` (`run.weaver.sft`, …).
+fn common(at: &str, c: &TrainingArgs, out: &mut Vec<Ignored>) {
     let mut add = |k: &str, why| {
         out.push(Ignored {
             key: format!("{at}.{k}"),
@@ -75,13 +41,13 @@ fn common(at: &str, c: Common, out: &mut Vec<Ignored>) {
             "memgen's tasks build their rows themselves",
         );
     }
-    if !ADAMW.contains(&c.optim) {
+    if !c.optim.is_adamw() {
         add(
             "optim",
             "memgen always uses AdamW (as torch.optim.AdamW, adamw_torch)",
         );
     }
-    if c.logging_strategy != "steps" {
+    if c.logging_strategy != IntervalStrategy::Steps {
         add(
             "logging_strategy",
             "memgen logs every logging_steps optimiser steps",
@@ -125,21 +91,15 @@ impl RunConfig {
     pub fn ignored_key_warnings(&self) -> Vec<String> {
         let mut out = vec![];
         let r = &self.run;
-        if !matches!(r.mode.as_str(), "train" | "evaluate") {
-            out.push(Ignored {
-                key: "run.mode".into(),
-                why: "the subcommand decides what runs",
-            });
-        }
-        common("run.weaver.sft", (&r.weaver.sft).into(), &mut out);
+        common("run.weaver.sft", &r.weaver.sft.args, &mut out);
         if !r.weaver.sft.assistant_only_loss {
             out.push(Ignored {
                 key: "run.weaver.sft.assistant_only_loss".into(),
                 why: "the SFT loss is always on the answer tokens only (docs/DESIGN.md, \"The SFT loss\")",
             });
         }
-        common("run.weaver.grpo", (&r.weaver.grpo).into(), &mut out);
-        common("run.trigger.grpo", (&r.trigger.grpo).into(), &mut out);
+        common("run.weaver.grpo", &r.weaver.grpo.args, &mut out);
+        common("run.trigger.grpo", &r.trigger.grpo.args, &mut out);
         generation(&r.generation, &mut out);
         lora("model.weaver", &self.model.weaver.peft_config, &mut out);
         lora("model.trigger", &self.model.trigger.peft_config, &mut out);

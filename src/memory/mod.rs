@@ -4,13 +4,13 @@
 
 pub mod checkpoint;
 pub mod generate;
-pub mod insertion;
-pub mod limits;
-pub mod model;
-pub mod params;
+pub(crate) mod insertion;
+pub(crate) mod limits;
+pub(crate) mod model;
+pub(crate) mod params;
 pub mod teacher;
-pub mod trigger;
-pub mod weaver;
+pub(crate) mod trigger;
+pub(crate) mod weaver;
 
 use serde::{Deserialize, Serialize};
 

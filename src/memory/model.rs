@@ -160,8 +160,4 @@ impl MemGenModel {
     pub fn weaver_vars(&self) -> Vec<Var> {
         self.weaver.vars()
     }
-
-    pub fn trigger_vars(&self) -> Vec<Var> {
-        self.trigger.as_ref().map(|t| t.vars()).unwrap_or_default()
-    }
 }

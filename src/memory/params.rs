@@ -1,7 +1,7 @@
 //! Small trainable pieces: linear layers and latent matrices held as Candle `Var`s, initialised
 //! as PyTorch does (nn.Linear: U(±1/sqrt(in)) for weight and bias; latents: standard normal).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 /// A seeded source of the initial values of trainable tensors.
@@ -93,12 +93,4 @@ impl Linear {
         v.extend(self.bias.clone());
         v
     }
-}
-
-pub fn zeros_like_dtype(
-    shape: &[usize],
-    dtype: DType,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    Tensor::zeros(shape, dtype, dev)
 }

@@ -8,10 +8,8 @@
 
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use super::weaver::Context;
 use super::{Kind, MemGenModel, Point};
-use crate::backbone::model::positions_tensor;
-use crate::backbone::Mode;
+use crate::backbone::{Mode, Side, Stream};
 
 /// One sequence to score: its tokens, which of them carry loss, and where memories go.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,17 +47,43 @@ fn check_rows(rows: &[TfRow]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one slot of the reasoner's input after the prompt prefix holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Token i of the row.
+    Token(usize),
+    /// A latent of the memory inserted right before token `before`.
+    Latent { before: usize },
+}
+
+/// The reasoner's final hidden states over a batch: the prompt prefixes (B × L_p, left-padded)
+/// and the rest of every row (B × L_r, right-padded), flattened to (B·L_p + B·L_r) × d, with
+/// what each row's rest slots hold.
+struct ReasonerStates {
+    flat: Tensor,
+    /// Per row, the number of prefix tokens (tokens before the first memory).
+    prefix: Vec<usize>,
+    prefix_len: usize,
+    rest: Vec<Vec<Slot>>,
+    rest_len: usize,
+}
+
 impl MemGenModel {
+    /// The teacher-forced forward: weave every row's memories, run the reasoner over the tokens
+    /// with the latents spliced in, and realign its states with the original tokens.
     pub fn teacher_forced(&self, rows: &[TfRow], mode: &mut Mode) -> anyhow::Result<TfOutput> {
         check_rows(rows)?;
-        let dev = self.reasoner.device().clone();
-        let dtype = self.reasoner.dtype();
-        let d = self.reasoner.hidden_size();
-        let b = rows.len();
+        let emb = self.token_embeddings(rows)?;
+        let latents = self.weave_rounds(rows, &emb, mode)?;
+        let states = self.reasoner_pass(rows, &emb, &latents, mode)?;
         let lens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
-        let n_max = *lens.iter().max().unwrap_or(&0);
+        let hidden = realign(&states, &lens, self.reasoner.hidden_size())?;
+        Ok(TfOutput { hidden, lens })
+    }
 
-        // Frozen token embeddings of every row (no graph).
+    /// Frozen token embeddings of every row (B × N_max × d, padded at the end; no graph).
+    fn token_embeddings(&self, rows: &[TfRow]) -> anyhow::Result<Tensor> {
+        let n_max = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
         let padded: Vec<Vec<u32>> = rows
             .iter()
             .map(|r| {
@@ -68,237 +92,191 @@ impl MemGenModel {
                 v
             })
             .collect();
-        let emb = self
-            .reasoner
-            .embed(&Tensor::from_vec(padded.concat(), (b, n_max), &dev)?)?;
-        let emb_row = |r: usize, s: usize, e: usize| emb.i((r, s..e, ..));
+        let dev = self.reasoner.device();
+        let ids = Tensor::from_vec(padded.concat(), (rows.len(), n_max), dev)?;
+        Ok(self.reasoner.embed(&ids)?)
+    }
 
-        // ---- Weaver: round r weaves every row's r-th memory. ----
-        // Zero-length memories need no weaving at all.
-        let weaving = self.weaver.k(Kind::Prompt) > 0 || self.weaver.k(Kind::Inference) > 0;
-        let rounds = if weaving {
-            rows.iter().map(|r| r.points.len()).max().unwrap_or(0)
-        } else {
-            0
-        };
+    /// Weave every row's memories: round r weaves each row's r-th memory in one weaver call,
+    /// after feeding the weaver what that row's stream holds since its previous memory (the
+    /// previous latents, then the tokens up to this point). Returns `latents[row][point]`
+    /// (K × d_r); empty when memories have no latents.
+    fn weave_rounds(
+        &self,
+        rows: &[TfRow],
+        emb: &Tensor,
+        mode: &mut Mode,
+    ) -> anyhow::Result<Vec<Vec<Tensor>>> {
+        let b = rows.len();
         let mut latents: Vec<Vec<Tensor>> = vec![vec![]; b];
-        let mut wcache = self.weaver.backbone.new_cache(b);
-        let mut seg_start = vec![0usize; b];
+        // Zero-length memories need no weaving at all.
+        if self.weaver.k(Kind::Prompt) == 0 && self.weaver.k(Kind::Inference) == 0 {
+            return Ok(latents);
+        }
+        let rounds = rows.iter().map(|r| r.points.len()).max().unwrap_or(0);
+        let mut cache = self.weaver.backbone.new_cache(b);
+        // Per row: tokens the weaver has read, and real positions in its cache.
+        let mut read = vec![0usize; b];
         let mut n_real = vec![0u32; b];
         for round in 0..rounds {
-            // Each row's new context: the previous memory's latents, then tokens up to this point.
-            let mut segs: Vec<Option<Tensor>> = vec![];
-            let mut seg_len = vec![0usize; b];
-            for (r, row) in rows.iter().enumerate() {
-                let Some(pt) = row.points.get(round) else {
-                    segs.push(None);
-                    continue;
-                };
-                let mut parts = vec![];
-                if round > 0 {
-                    parts.push(latents[r][round - 1].clone());
-                }
-                if pt.pos > seg_start[r] {
-                    parts.push(emb_row(r, seg_start[r], pt.pos)?);
-                }
-                let seg = if parts.is_empty() {
-                    None
-                } else {
-                    Some(Tensor::cat(&parts, 0)?)
-                };
-                seg_len[r] = seg.as_ref().map(|s| s.dim(0)).transpose()?.unwrap_or(0);
-                segs.push(seg);
-            }
-            let s_max = *seg_len.iter().max().unwrap_or(&0);
-            let mut xs = vec![];
-            let mut mask = vec![];
-            let mut pos = vec![];
-            for r in 0..b {
-                let hole = s_max - seg_len[r];
-                let mut row_parts = vec![];
-                if hole > 0 {
-                    row_parts.push(Tensor::zeros((hole, d), dtype, &dev)?);
-                }
-                if let Some(s) = &segs[r] {
-                    row_parts.push(s.to_dtype(dtype)?);
-                }
-                if s_max > 0 {
-                    xs.push(if row_parts.len() == 1 {
-                        row_parts.pop().unwrap()
-                    } else {
-                        Tensor::cat(&row_parts, 0)?
-                    });
-                }
-                let mut m = vec![0u8; hole];
-                m.extend(std::iter::repeat_n(1u8, seg_len[r]));
-                let mut p = vec![0u32; hole];
-                p.extend((0..seg_len[r] as u32).map(|i| n_real[r] + i));
-                n_real[r] += seg_len[r] as u32;
-                mask.push(m);
-                pos.push(p);
+            let ctx = self.round_context(rows, emb, &latents, round, &read, &n_real)?;
+            for (r, n) in n_real.iter_mut().enumerate() {
+                *n += ctx.real_len(r) as u32;
             }
             let kinds: Vec<Option<Kind>> = rows
                 .iter()
                 .map(|row| row.points.get(round).map(|p| p.kind))
                 .collect();
-            let x = if s_max > 0 {
-                Some(Tensor::stack(&xs, 0)?)
-            } else {
-                None
-            };
-            let out = self.weaver.weave(
-                &mut wcache,
-                x.as_ref().map(|embeds| Context {
-                    embeds,
-                    mask: &mask,
-                    positions: &pos,
-                }),
-                &kinds,
-                &n_real,
-                mode,
-            )?;
+            let out = self
+                .weaver
+                .weave(&mut cache, Some(&ctx), &kinds, &n_real, mode)?;
             let k_max = out.dim(1)?;
             for (r, kind) in kinds.iter().enumerate() {
                 if let Some(kind) = kind {
                     let k = self.weaver.k(*kind);
                     latents[r].push(out.i((r, k_max - k.., ..))?);
-                    seg_start[r] = rows[r].points[round].pos;
+                    read[r] = rows[r].points[round].pos;
                 }
             }
         }
-
-        // ---- Reasoner: the prompt prefix without a graph, the rest in `mode`. ----
-        let prefix: Vec<usize> = rows
-            .iter()
-            .map(|r| r.points.first().map(|p| p.pos).unwrap_or(r.tokens.len()))
-            .collect();
-        let lp = *prefix.iter().max().unwrap_or(&0);
-        let mut rcache = self.reasoner.new_cache(b);
-        let pids: Vec<Vec<u32>> = rows
-            .iter()
-            .zip(&prefix)
-            .map(|(r, &p)| {
-                let mut v = vec![self.tokenizer.pad_id; lp - p];
-                v.extend_from_slice(&r.tokens[..p]);
-                v
-            })
-            .collect();
-        let pmask: Vec<Vec<u8>> = prefix
-            .iter()
-            .map(|&p| {
-                let mut v = vec![0u8; lp - p];
-                v.extend(std::iter::repeat_n(1u8, p));
-                v
-            })
-            .collect();
-        let ppos: Vec<Vec<u32>> = prefix
-            .iter()
-            .map(|&p| {
-                let mut v = vec![0u32; lp - p];
-                v.extend(0..p as u32);
-                v
-            })
-            .collect();
-        let px = self
-            .reasoner
-            .embed(&Tensor::from_vec(pids.concat(), (b, lp), &dev)?)?;
-        let hp = self.reasoner.forward(
-            &px,
-            &pmask,
-            &positions_tensor(&ppos, &dev)?,
-            Some(&mut rcache),
-            &mut Mode::Infer,
-        )?;
-        // The rest of each row: [latents, tokens, latents, tokens, …], right-padded.
-        // `src[r][i]` = flat index (into [prefix ; rest]) of the state predicting token i+1.
-        let mut src: Vec<Vec<usize>> = vec![vec![0; n_max]; b];
-        let mut rest_rows: Vec<Vec<Tensor>> = vec![vec![]; b];
-        let mut rest_len = vec![0usize; b];
-        for (r, row) in rows.iter().enumerate() {
-            for (i, s) in src[r].iter_mut().enumerate().take(prefix[r]) {
-                *s = r * lp + (lp - prefix[r]) + i;
-            }
-            let mut off = 0usize;
-            for (j, pt) in row.points.iter().enumerate() {
-                let k = latents[r]
-                    .get(j)
-                    .map(|l| l.dim(0))
-                    .transpose()?
-                    .unwrap_or(0);
-                if k > 0 {
-                    let lat = &latents[r][j];
-                    rest_rows[r].push(lat.to_dtype(dtype)?);
-                    off += k;
-                    // The last latent predicts the token after the block.
-                    src[r][pt.pos - 1] = usize::MAX - (off - 1);
-                }
-                let end = row
-                    .points
-                    .get(j + 1)
-                    .map(|p| p.pos)
-                    .unwrap_or(row.tokens.len());
-                rest_rows[r].push(emb_row(r, pt.pos, end)?);
-                for s in &mut src[r][pt.pos..end] {
-                    *s = usize::MAX - off;
-                    off += 1;
-                }
-            }
-            rest_len[r] = off;
-        }
-        let lr = *rest_len.iter().max().unwrap_or(&0);
-        let flat_prefix = hp.reshape((b * lp, d))?;
-        let flat = if lr > 0 {
-            let mut xs = vec![];
-            let mut mask = vec![];
-            let mut pos = vec![];
-            for r in 0..b {
-                let mut parts = std::mem::take(&mut rest_rows[r]);
-                let hole = lr - rest_len[r];
-                if hole > 0 {
-                    parts.push(Tensor::zeros((hole, d), dtype, &dev)?);
-                }
-                xs.push(Tensor::cat(&parts, 0)?);
-                let mut m = vec![1u8; rest_len[r]];
-                m.extend(std::iter::repeat_n(0u8, hole));
-                let mut p: Vec<u32> = (0..rest_len[r] as u32)
-                    .map(|i| prefix[r] as u32 + i)
-                    .collect();
-                p.extend(std::iter::repeat_n(0u32, hole));
-                mask.push(m);
-                pos.push(p);
-            }
-            let x = Tensor::stack(&xs, 0)?;
-            let hr = self.reasoner.forward(
-                &x,
-                &mask,
-                &positions_tensor(&pos, &dev)?,
-                Some(&mut rcache),
-                mode,
-            )?;
-            Tensor::cat(&[flat_prefix, hr.reshape((b * lr, d))?], 0)?
-        } else {
-            flat_prefix
-        };
-        // Resolve rest offsets (encoded as usize::MAX - offset) to flat indices.
-        let base_rest = b * lp;
-        let mut idx = Vec::with_capacity(b * n_max);
-        for (r, s) in src.iter().enumerate() {
-            for (i, &v) in s.iter().enumerate() {
-                let flat_i = if i >= lens[r] {
-                    0
-                } else if v > usize::MAX / 2 {
-                    base_rest + r * lr + (usize::MAX - v)
-                } else {
-                    v
-                };
-                idx.push(flat_i as u32);
-            }
-        }
-        let idx = Tensor::from_vec(idx, b * n_max, &dev)?;
-        let hidden = flat.index_select(&idx, 0)?.reshape((b, n_max, d))?;
-        Ok(TfOutput { hidden, lens })
+        Ok(latents)
     }
 
+    /// The weaver's new context in `round`: for each row with a memory in this round, its
+    /// previous memory's latents and its tokens from `read[r]` up to the insertion point,
+    /// left-padded, at positions continuing `n_real`. Rows without a memory add nothing.
+    fn round_context(
+        &self,
+        rows: &[TfRow],
+        emb: &Tensor,
+        latents: &[Vec<Tensor>],
+        round: usize,
+        read: &[usize],
+        n_real: &[u32],
+    ) -> anyhow::Result<Stream> {
+        let mut pieces: Vec<Vec<Tensor>> = vec![vec![]; rows.len()];
+        for (r, row) in rows.iter().enumerate() {
+            let Some(pt) = row.points.get(round) else {
+                continue;
+            };
+            if round > 0 {
+                pieces[r].push(latents[r][round - 1].clone());
+            }
+            if pt.pos > read[r] {
+                pieces[r].push(emb.i((r, read[r]..pt.pos, ..))?);
+            }
+        }
+        let width = (self.reasoner.hidden_size(), self.reasoner.dtype());
+        let dev = self.reasoner.device();
+        Ok(Stream::from_rows(&pieces, Side::Left, n_real, width, dev)?)
+    }
+
+    /// The reasoner over every row: the prompt prefix (which nothing trainable precedes) without
+    /// a graph, then the rest — [latents, tokens, latents, tokens, …] — in `mode`, through the
+    /// same cache.
+    fn reasoner_pass(
+        &self,
+        rows: &[TfRow],
+        emb: &Tensor,
+        latents: &[Vec<Tensor>],
+        mode: &mut Mode,
+    ) -> anyhow::Result<ReasonerStates> {
+        let (b, d) = (rows.len(), self.reasoner.hidden_size());
+        let prefix: Vec<usize> = rows
+            .iter()
+            .map(|r| r.points.first().map_or(r.tokens.len(), |p| p.pos))
+            .collect();
+        let heads: Vec<Vec<u32>> = rows
+            .iter()
+            .zip(&prefix)
+            .map(|(r, &p)| r.tokens[..p].to_vec())
+            .collect();
+        let head = Stream::tokens(&self.reasoner, &heads, self.tokenizer.pad_id, Side::Left)?;
+        let mut cache = self.reasoner.new_cache(b);
+        let hp = self
+            .reasoner
+            .forward(&head, Some(&mut cache), &mut Mode::Infer)?;
+        let mut pieces = Vec::with_capacity(b);
+        let mut rest = Vec::with_capacity(b);
+        for (r, row) in rows.iter().enumerate() {
+            let (p, slots) = rest_of_row(row, &latents[r], emb.get(r)?)?;
+            pieces.push(p);
+            rest.push(slots);
+        }
+        let start: Vec<u32> = prefix.iter().map(|&p| p as u32).collect();
+        let width = (d, self.reasoner.dtype());
+        let tail = Stream::from_rows(&pieces, Side::Right, &start, width, self.reasoner.device())?;
+        let flat_prefix = hp.reshape((b * head.len(), d))?;
+        let flat = if tail.is_empty() {
+            flat_prefix
+        } else {
+            let hr = self.reasoner.forward(&tail, Some(&mut cache), mode)?;
+            Tensor::cat(&[flat_prefix, hr.reshape((b * tail.len(), d))?], 0)?
+        };
+        Ok(ReasonerStates {
+            flat,
+            prefix,
+            prefix_len: head.len(),
+            rest,
+            rest_len: tail.len(),
+        })
+    }
+}
+
+/// Row `row`'s input after its prompt prefix — each memory's latents, then the tokens up to the
+/// next memory — as pieces (n × d) for [`Stream::from_rows`], with what each slot holds.
+/// `emb` is the row's token embeddings (N_max × d).
+fn rest_of_row(
+    row: &TfRow,
+    latents: &[Tensor],
+    emb: Tensor,
+) -> anyhow::Result<(Vec<Tensor>, Vec<Slot>)> {
+    let mut pieces = vec![];
+    let mut slots = vec![];
+    for (j, pt) in row.points.iter().enumerate() {
+        if let Some(lat) = latents.get(j).filter(|l| l.dim(0).is_ok_and(|k| k > 0)) {
+            pieces.push(lat.clone());
+            slots.extend(std::iter::repeat_n(
+                Slot::Latent { before: pt.pos },
+                lat.dim(0)?,
+            ));
+        }
+        let end = row.points.get(j + 1).map_or(row.tokens.len(), |p| p.pos);
+        pieces.push(emb.i(pt.pos..end)?);
+        slots.extend((pt.pos..end).map(Slot::Token));
+    }
+    Ok((pieces, slots))
+}
+
+/// Hidden states aligned with the tokens (B × N_max × d): position i of a row gets the state
+/// that predicts token i + 1 — the state at token i, or at the last latent of a memory inserted
+/// right before token i + 1. Positions past a row's end get the first state of the batch.
+fn realign(s: &ReasonerStates, lens: &[usize], d: usize) -> anyhow::Result<Tensor> {
+    let b = lens.len();
+    let n_max = lens.iter().copied().max().unwrap_or(0);
+    let (lp, lr) = (s.prefix_len, s.rest_len);
+    let mut idx = Vec::with_capacity(b * n_max);
+    for r in 0..b {
+        let mut predictor = vec![0usize; n_max];
+        // Prefix tokens sit right-aligned in their left-padded row.
+        for (i, p) in predictor.iter_mut().enumerate().take(s.prefix[r]) {
+            *p = r * lp + (lp - s.prefix[r]) + i;
+        }
+        // In stream order, so a memory's last latent overrides the token before it.
+        for (c, slot) in s.rest[r].iter().enumerate() {
+            let flat = b * lp + r * lr + c;
+            match *slot {
+                Slot::Token(i) => predictor[i] = flat,
+                Slot::Latent { before } => predictor[before - 1] = flat,
+            }
+        }
+        idx.extend(predictor.into_iter().map(|i| i as u32));
+    }
+    let idx = Tensor::from_vec(idx, b * n_max, s.flat.device())?;
+    Ok(s.flat.index_select(&idx, 0)?.reshape((b, n_max, d))?)
+}
+
+impl MemGenModel {
     /// Log-probabilities of every target token (`loss_mask[i+1]`), in row order, with their (row, index).
     pub fn target_logprobs(
         &self,

@@ -1,10 +1,10 @@
 //! The memory trigger: a LoRA-adapted backbone whose LM head is replaced by Linear(d → 2); class 1
 //! means "insert a memory here". Without a trigger model the nano trigger always answers 1.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
 use super::params::{Init, Linear};
-use crate::backbone::{Backbone, KvCache, LoraConfig, LoraSet, Mode};
+use crate::backbone::{Backbone, KvCache, LoraConfig, LoraSet, Mode, Stream};
 
 #[derive(Clone)]
 pub struct Trigger {
@@ -40,23 +40,16 @@ impl Trigger {
         Ok(())
     }
 
-    pub fn vars(&self) -> Vec<Var> {
-        let mut v = self.backbone.lora.vars();
-        v.extend(self.head.vars());
-        v
-    }
-
-    /// Decision logits (B × L × 2, f32) for new token ids (B × L) appended to the trigger's cache.
+    /// Decision logits (B × L × 2, f32) for a new stream of token embeddings (built on the
+    /// trigger's own backbone, e.g. by [`Stream::from_ids`]) appended to the trigger's cache.
+    /// The trigger reads tokens only, never latents.
     pub fn logits(
         &self,
-        ids: &Tensor,
-        mask: &[Vec<u8>],
-        positions: &Tensor,
+        tokens: &Stream,
         cache: Option<&mut KvCache>,
         mode: &mut Mode,
     ) -> anyhow::Result<Tensor> {
-        let x = self.backbone.embed(ids)?;
-        let h = self.backbone.forward(&x, mask, positions, cache, mode)?;
+        let h = self.backbone.forward(tokens, cache, mode)?;
         Ok(self.head.forward(&h)?.to_dtype(DType::F32)?)
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var};
 
 use super::params::{Init, Linear};
 use super::Kind;
-use crate::backbone::{Backbone, KvCache, LoraConfig, LoraSet, Mode};
+use crate::backbone::{Backbone, KvCache, LoraConfig, LoraSet, Mode, Side, Stream};
 
 #[derive(Clone)]
 pub struct Weaver {
@@ -17,13 +17,6 @@ pub struct Weaver {
     pub inference_query_latents: Var,
     pub reasoner_to_weaver: Linear,
     pub weaver_to_reasoner: Linear,
-}
-
-/// New context for the weaver: reasoner input embeddings (B × L × d_r), their mask and positions.
-pub struct Context<'a> {
-    pub embeds: &'a Tensor,
-    pub mask: &'a [Vec<u8>],
-    pub positions: &'a [Vec<u32>],
 }
 
 impl Weaver {
@@ -77,101 +70,69 @@ impl Weaver {
         v
     }
 
-    /// Weave one memory per row. `ctx` is the part of the reasoner's stream the cache has not seen
-    /// yet (it stays in the cache); `kinds[b]` picks row b's query latents (None: the row's result is
-    /// not wanted, its queries are masked, and masked rows cost no compute in the inference
-    /// path). Query latents sit at positions `query_start[b]..+K`.
+    /// Weave one memory per row. `ctx` is the part of the reasoner's stream (d_r wide) the cache
+    /// has not seen yet (it stays in the cache); `kinds[b]` picks row b's query latents (None: the
+    /// row's result is not wanted, its queries are masked, and masked rows cost no compute in the
+    /// inference path). Query latents sit at positions `query_start[b]..+K`.
     /// Returns (B × K_max × d_r); a row with K < K_max has its latents in the last K slots.
     pub fn weave(
         &self,
         cache: &mut KvCache,
-        ctx: Option<Context>,
+        ctx: Option<&Stream>,
         kinds: &[Option<Kind>],
         query_start: &[u32],
         mode: &mut Mode,
     ) -> anyhow::Result<Tensor> {
-        let b = kinds.len();
-        let dev = self.device().clone();
         let dtype = self.backbone.dtype();
-        let k_max = kinds
-            .iter()
-            .flatten()
-            .map(|&k| self.k(k))
-            .max()
-            .unwrap_or(0);
-        let mut parts: Vec<Tensor> = vec![];
-        let mut mask: Vec<Vec<u8>> = vec![vec![]; b];
-        let mut pos: Vec<Vec<u32>> = vec![vec![]; b];
-        let mut l_ctx = 0;
-        if let Some(c) = &ctx {
-            l_ctx = c.embeds.dim(1)?;
-            if l_ctx > 0 {
-                parts.push(
-                    self.reasoner_to_weaver
-                        .forward(&c.embeds.to_dtype(dtype)?)?,
-                );
-                for r in 0..b {
-                    mask[r].extend_from_slice(&c.mask[r]);
-                    pos[r].extend_from_slice(&c.positions[r]);
-                }
+        let ctx = match ctx.filter(|c| !c.is_empty()) {
+            Some(c) => {
+                Some(c.map_embeds(|x| self.reasoner_to_weaver.forward(&x.to_dtype(dtype)?))?)
             }
-        }
-        // Query block: row r's K queries right-aligned in K_max slots (holes in front are masked).
-        let d_w = self.backbone.hidden_size();
-        let mut q_rows = vec![];
-        for (r, kind) in kinds.iter().enumerate().filter(|_| k_max > 0) {
-            let (k, q) = match kind {
-                Some(kind) => (self.k(*kind), Some(self.queries(*kind).as_tensor())),
-                None => (0, None),
-            };
-            let hole = k_max - k;
-            mask[r].extend(std::iter::repeat_n(0u8, hole));
-            mask[r].extend(std::iter::repeat_n(1u8, k));
-            pos[r].extend(std::iter::repeat_n(0u32, hole));
-            pos[r].extend((0..k as u32).map(|i| query_start[r] + i));
-            let mut row = vec![];
-            if hole > 0 {
-                row.push(Tensor::zeros((hole, d_w), dtype, &dev)?);
-            }
-            if let Some(q) = q {
-                row.push(q.to_dtype(dtype)?);
-            }
-            q_rows.push(if row.len() == 1 {
-                row.pop().unwrap()
-            } else {
-                Tensor::cat(&row, 0)?
-            });
-        }
-        if k_max > 0 {
-            parts.push(Tensor::stack(&q_rows, 0)?);
-        }
-        if parts.is_empty() {
-            return Ok(Tensor::zeros(
-                (b, 0, self.weaver_to_reasoner.weight.dims()[0]),
-                dtype,
-                &dev,
-            )?);
-        }
-        let x = if parts.len() == 1 {
-            parts.pop().unwrap()
-        } else {
-            Tensor::cat(&parts, 1)?
+            None => None,
         };
-        let pos_t = crate::backbone::model::positions_tensor(&pos, &dev)?;
+        let l_ctx = ctx.as_ref().map_or(0, Stream::len);
+        let queries = self.query_block(kinds, query_start)?;
+        let k_max = queries.len();
+        let parts: Vec<Stream> = ctx
+            .into_iter()
+            .chain((k_max > 0).then_some(queries))
+            .collect();
+        let d_r = self.weaver_to_reasoner.weight.dims()[0];
+        let none = || Tensor::zeros((kinds.len(), 0, d_r), dtype, self.device());
+        if parts.is_empty() {
+            return Ok(none()?);
+        }
         let before = cache.len();
         let h = self
             .backbone
-            .forward(&x, &mask, &pos_t, Some(cache), mode)?;
+            .forward(&Stream::cat(&parts)?, Some(cache), mode)?;
         // The queries are not part of the context: later weaves must not see them.
         cache.truncate(before + l_ctx);
         if k_max == 0 {
-            return Ok(Tensor::zeros(
-                (b, 0, self.weaver_to_reasoner.weight.dims()[0]),
-                dtype,
-                &dev,
-            )?);
+            return Ok(none()?);
         }
         let states = h.narrow(1, l_ctx, k_max)?;
         Ok(self.weaver_to_reasoner.forward(&states)?)
+    }
+
+    /// The query latents of every row (B × K_max × d_w): row r's K queries right-aligned, at
+    /// positions `query_start[r]..+K`; the holes in front, and rows that weave nothing, masked.
+    fn query_block(&self, kinds: &[Option<Kind>], query_start: &[u32]) -> anyhow::Result<Stream> {
+        let pieces: Vec<Vec<Tensor>> = kinds
+            .iter()
+            .map(|k| {
+                k.iter()
+                    .map(|&k| self.queries(k).as_tensor().clone())
+                    .collect()
+            })
+            .collect();
+        let width = (self.backbone.hidden_size(), self.backbone.dtype());
+        Ok(Stream::from_rows(
+            &pieces,
+            Side::Left,
+            query_start,
+            width,
+            self.device(),
+        )?)
     }
 }

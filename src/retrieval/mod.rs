@@ -1,19 +1,19 @@
 //! Retrieval for the search tasks: the Search-R1 `/retrieve` protocol (client and a built-in server).
 //!
-//! - [`protocol`]: the wire format (`{"queries", "topk", "return_scores"}` → `{"result": ...}`).
+//! - `protocol`: the wire format (`{"queries", "topk", "return_scores"}` → `{"result": ...}`).
 //! - [`client`]: [`client::HttpRetriever`], a blocking client with timeouts and retries.
 //! - [`index`]: a BM25 index over a Search-R1 corpus (`{"id", "contents"}` JSON lines), on tantivy.
 //! - [`server`]: the `/retrieve` HTTP server over that index (axum routes).
-//! - [`listener`]: its connection handling: slots, eviction of idle connections, timeouts.
+//! - `listener`: its connection handling: slots, eviction of idle connections, timeouts.
 //! - [`limits`]: [`limits::ServerLimits`], every bound the server puts on a client.
-//! - [`cli`]: `memgen retriever serve|query`.
+//!
+//! `memgen retriever serve|query` lives in `cli/retriever_cmd.rs`.
 
-pub mod cli;
 pub mod client;
 pub mod index;
 pub mod limits;
-pub mod listener;
-pub mod protocol;
+pub(crate) mod listener;
+pub(crate) mod protocol;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

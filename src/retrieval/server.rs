@@ -2,7 +2,7 @@
 //!
 //! Bad requests get a 4xx with `{"error": "..."}` (and `"limit"`, naming the flag, when one of
 //! the [`ServerLimits`] refused it); nothing a client sends can take it down or hold it up: the
-//! connection handling in [`listener`] bounds connections and every phase of a request.
+//! connection handling in `listener.rs` bounds connections and every phase of a request.
 
 use super::index::Bm25Index;
 use super::limits::ServerLimits;

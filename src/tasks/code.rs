@@ -303,10 +303,6 @@ impl Code {
         Ok(Self { cfg, sandbox })
     }
 
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
-    }
-
     fn build(&self, row: &RawRow) -> std::result::Result<Sample, String> {
         let v = &row.value;
         let id_col = self.cfg.column("id", &["task_id", "question_id", "id"], v);

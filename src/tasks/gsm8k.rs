@@ -26,7 +26,7 @@ pub fn gsm8k_target(answer: &str) -> Option<(String, String)> {
 }
 
 /// Grade a `\boxed{}` answer as the original's `compute_score` does: the first box of the
-/// completion (see [`math::first_boxed`]) against `gold_answer`, both through MATH's
+/// completion (see `math::first_boxed`) against `gold_answer`, both through MATH's
 /// `strip_string`, as strings; the reward and `accuracy` are that score. `lenient_accuracy` is
 /// memgen's own extra, not the original's metric: the last number of the completion, compared
 /// numerically, to show how many answers are right but not boxed the way the grader wants.

@@ -9,17 +9,15 @@
 //! - `kodcode` / `humaneval`: Python functions run against tests in a [`sandbox`].
 //! - `triviaqa` / `nq`: open QA with aliases, multi-turn with a search engine ([`search`]).
 
-pub mod arith;
-pub mod choice;
+pub(crate) mod arith;
+pub(crate) mod choice;
 pub mod code;
-pub mod config;
+pub(crate) mod config;
 pub mod data;
-pub mod episode;
-pub mod eval;
 pub mod grade;
 pub mod gsm8k;
 pub mod hub;
-pub mod math;
+pub(crate) mod math;
 pub mod qa;
 pub mod sandbox;
 pub mod search;
@@ -29,31 +27,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use config::TaskConfig;
-
-/// One chat message. Roles: `system`, `user`, `assistant`, `tool`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-}
+// Prompts are chat conversations; the types live with the backbone that reads them.
+pub use crate::backbone::chat::{render_chatml, Message};
 
 /// A dataset split. `Train` and `Valid` come from the training data (split by `val_ratio` and the
 /// seed unless a validation file is given); `Test` is the evaluation set.
@@ -220,24 +195,6 @@ pub const TASK_NAMES: &[&str] = &[
     "popqa",
 ];
 
-/// Render a conversation with MemGen's fixed ChatML template: every message as
-/// `<|im_start|>{role}\n{content}<|im_end|>\n` (a `tool` message in the same format as a `user`
-/// one, under its own role), then `<|im_start|>assistant\n` when `add_generation_prompt`. No BOS, no default system prompt.
-pub fn render_chatml(messages: &[Message], add_generation_prompt: bool) -> String {
-    let mut out = String::new();
-    for m in messages {
-        out.push_str("<|im_start|>");
-        out.push_str(&m.role);
-        out.push('\n');
-        out.push_str(&m.content);
-        out.push_str("<|im_end|>\n");
-    }
-    if add_generation_prompt {
-        out.push_str("<|im_start|>assistant\n");
-    }
-    out
-}
-
 /// Read a string gold field (numbers are accepted and printed as JSON does).
 pub(crate) fn gold_str(gold: &serde_json::Value, key: &str) -> Result<String> {
     match gold.get(key) {
@@ -247,31 +204,5 @@ pub(crate) fn gold_str(gold: &serde_json::Value, key: &str) -> Result<String> {
             "field `{key}` should be a string, got {other}"
         ))),
         None => Err(TaskError::BadGold(format!("missing field `{key}`"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chatml() {
-        let msgs = vec![
-            Message::system("S"),
-            Message::user("Q?"),
-            Message::assistant("A."),
-            Message::new("tool", "obs"),
-        ];
-        assert_eq!(
-            render_chatml(&msgs, true),
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n\
-             <|im_start|>assistant\nA.<|im_end|>\n<|im_start|>tool\nobs<|im_end|>\n\
-             <|im_start|>assistant\n"
-        );
-        assert_eq!(
-            render_chatml(&[Message::user("hi")], false),
-            "<|im_start|>user\nhi<|im_end|>\n"
-        );
-        assert_eq!(render_chatml(&[], true), "<|im_start|>assistant\n");
     }
 }

@@ -106,7 +106,6 @@ pub struct Outcome {
     pub stderr: String,
     /// What the program wrote to fd 3 (the code harness's verdict channel).
     pub report: String,
-    pub elapsed: Duration,
 }
 
 impl Outcome {
@@ -179,10 +178,6 @@ impl Sandbox {
                 "cannot isolate untrusted code ({why}); {REMEDY}"
             ))),
         }
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     pub fn isolation(&self) -> &Isolation {
@@ -321,7 +316,6 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let elapsed = start.elapsed();
         // Stragglers that escaped the group (new sessions) die by uid.
         if let Some(u) = uid {
             kill_uid(u);
@@ -347,7 +341,6 @@ impl Sandbox {
             stdout: text(&out),
             stderr: text(&errb),
             report: text(&rep),
-            elapsed,
         })
     }
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 pub struct Metrics {
-    file: PathBuf,
+    /// None: records are kept but not written (ranks other than 0 under MPI).
+    file: Option<PathBuf>,
     svg: PathBuf,
     /// Every record written so far (reloaded on resume), for the plot.
     pub records: Vec<Value>,
@@ -38,17 +39,30 @@ impl Metrics {
         }
         crate::util::write_atomic(&file, body.as_bytes())?;
         Ok(Metrics {
-            file,
+            file: Some(file),
             svg: dir.join("curves.svg"),
             records,
         })
     }
 
+    /// Records kept in memory only: rank 0 alone writes the run's files (crate::distributed).
+    pub fn unwritten() -> Metrics {
+        Metrics {
+            file: None,
+            svg: PathBuf::new(),
+            records: vec![],
+        }
+    }
+
     pub fn log(&mut self, rec: Value) -> anyhow::Result<()> {
+        let Some(file) = &self.file else {
+            self.records.push(rec);
+            return Ok(());
+        };
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
-            .open(&self.file)?;
+            .open(file)?;
         // One write of the whole line, not aborted by a second signal: no torn records.
         let _hold = crate::signals::critical();
         f.write_all(format!("{rec}\n").as_bytes())?;
@@ -58,6 +72,9 @@ impl Metrics {
 
     /// Redraw `curves.svg`: one panel per series present (train loss, reward, validation).
     pub fn plot(&self) -> anyhow::Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
         let series: Vec<(&str, &str, &str)> = vec![
             ("loss", "train loss", "#1f77b4"),
             ("reward", "train reward", "#2ca02c"),

@@ -1,4 +1,5 @@
 //! Training: weaver SFT, weaver GRPO and trigger GRPO (docs/DESIGN.md, "The SFT loss", "GRPO").
+//! All three run through one loop, [`trainer`]; [`sft`] and [`grpo`] supply its objective.
 //!
 //! Everything a run needs to continue exactly where it stopped is a pure function of the step
 //! number and the seed (data order, dropout and sampling RNGs) plus what a checkpoint stores
@@ -6,11 +7,14 @@
 //! steps" equals "2N steps" bit for bit.
 
 pub mod grpo;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod optim;
-pub mod resume;
+pub(crate) mod resume;
 pub mod schedule;
 pub mod sft;
+pub(crate) mod trainer;
+
+pub use trainer::Session;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +22,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::IntervalStrategy;
 use crate::memory::MemGenModel;
 use crate::signals;
 use optim::AdamW;
@@ -28,9 +33,10 @@ pub fn install_signal_handlers() {
     signals::install("saving a resumable checkpoint after this step");
 }
 
-/// Has a signal asked the run to stop?
-pub fn interrupted() -> bool {
-    signals::requested().is_some()
+/// Has a signal asked the run to stop? Under MPI a collective: every rank calls it once per step
+/// and they agree, so all stop after the same step (a signal may reach only some ranks).
+pub fn interrupted() -> anyhow::Result<bool> {
+    Ok(crate::distributed::world().agree_on_signal()?.is_some())
 }
 
 /// What `trainer_state.json` records beside a checkpoint.
@@ -139,11 +145,11 @@ impl Plan {
 
 /// Should something run after step `s` (0-based) under `strategy` (`steps` every `every`, `epoch`
 /// at epoch ends, `no`)? The last step always counts for saving, so a run ends with a checkpoint.
-pub fn due(strategy: &str, every: usize, plan: &Plan, s: usize) -> bool {
+pub fn due(strategy: IntervalStrategy, every: usize, plan: &Plan, s: usize) -> bool {
     match strategy {
-        "steps" => every > 0 && (s + 1).is_multiple_of(every),
-        "epoch" => plan.ends_epoch(s),
-        _ => false,
+        IntervalStrategy::Steps => every > 0 && (s + 1).is_multiple_of(every),
+        IntervalStrategy::Epoch => plan.ends_epoch(s),
+        IntervalStrategy::No => false,
     }
 }
 
@@ -199,8 +205,9 @@ pub fn checkpoint_after_step(
     stop_after: Option<usize>,
 ) -> anyhow::Result<bool> {
     signals::pause_for_test(state.step);
-    let stop_now = interrupted() || stop_after == Some(state.step);
-    if due || last || stop_now {
+    let stop_now = interrupted()? || stop_after == Some(state.step);
+    // Rank 0 alone writes checkpoints (crate::distributed); all ranks stop together.
+    if (due || last || stop_now) && crate::distributed::world().is_root() {
         let mut st = state.clone();
         st.elapsed = elapsed;
         save_checkpoint(out, model, opt, &st)?;
@@ -348,13 +355,18 @@ pub fn resume_or_start(
         // From here on the checkpoints record the settings this session runs with.
         state.settings = fresh.settings;
     }
-    eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    if crate::distributed::world().is_root() {
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
     Ok(state)
 }
 
 /// A progress bar for one phase, or a hidden one when stderr is not a terminal (logs then go to
 /// stderr as lines).
 pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
+    if !crate::distributed::world().is_root() {
+        return indicatif::ProgressBar::hidden();
+    }
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(&format!(
@@ -367,6 +379,9 @@ pub fn progress(total: usize, phase: &str) -> indicatif::ProgressBar {
 
 /// Make a log line for a hidden progress bar.
 pub fn say(pb: &indicatif::ProgressBar, line: &str) {
+    if !crate::distributed::world().is_root() {
+        return; // rank 0 alone reports progress
+    }
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

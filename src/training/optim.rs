@@ -40,10 +40,6 @@ impl AdamW {
         })
     }
 
-    pub fn vars(&self) -> &[Var] {
-        &self.vars
-    }
-
     /// One update with `grads[i]` for `vars[i]` (None: no gradient, the var is left alone as torch
     /// skips params whose `.grad` is None) at learning rate `lr`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> anyhow::Result<()> {

@@ -1,23 +1,23 @@
-//! Weaver SFT: the whole loop in one place (nanoGPT style).
-//!
-//! data → ChatML tokens with the loss on the assistant turn → batches → teacher-forced loss with
-//! memories at the prompt point and the first delimiter boundaries → AdamW with warmup/decay and
-//! global-norm clipping → periodic validation loss, checkpoints and logs.
+//! Weaver SFT: data → ChatML tokens with the loss on the assistant turn → teacher-forcing rows
+//! with memories at the prompt point and the first delimiter boundaries; then the shared loop
+//! ([`super::trainer`]) with [`Sft`] as its objective: the teacher-forced loss of each micro-batch,
+//! the validation loss, and the windowed training loss in the logs.
 
-use std::path::{Path, PathBuf};
+use std::borrow::Cow;
+use std::path::PathBuf;
 use std::time::Instant;
 
+use candle_core::Var;
 use serde_json::json;
 
-use super::metrics::{record, Metrics};
-use super::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig};
-use super::schedule::Schedule;
-use super::{
-    checkpoint_after_step, due, fail_if_interrupted, progress, say, step_rng, Plan, TrainerState,
-    BEST,
+use super::step_rng;
+use super::trainer::{
+    self, loop_config, Backward, DataParallel, LogLine, Objective, Session, StepBatch, Update,
+    Validation,
 };
 use crate::backbone::Mode;
 use crate::config::SftConfig;
+use crate::distributed::Ranks;
 use crate::memory::checkpoint::Part;
 use crate::memory::limits::Budget;
 use crate::memory::teacher::TfRow;
@@ -162,17 +162,7 @@ pub fn text_row(model: &MemGenModel, question: &str, answer: &str) -> anyhow::Re
 #[derive(Debug, Clone)]
 pub struct SftRun {
     pub cfg: SftConfig,
-    pub seed: u64,
-    pub out: PathBuf,
-    /// Resume from this checkpoint; without it, from `<out>/checkpoint-last/` if present.
-    pub resume: Option<PathBuf>,
-    /// Stop with a resumable checkpoint after this many steps (tests; like a Ctrl-C).
-    pub stop_after: Option<usize>,
-    /// The run's result-shaping settings ([`super::resume`]): stored in every checkpoint and
-    /// compared on resume. None (a run driven without a config) stores and checks nothing.
-    pub settings: Option<super::resume::Settings>,
-    /// Resume even when `settings` differ from the checkpoint's (the differences are logged).
-    pub resume_anyway: bool,
+    pub session: Session,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -193,236 +183,236 @@ fn n_targets(r: &TfRow) -> usize {
 
 /// Token-weighted mean validation loss, no dropout and no graph.
 pub fn eval_loss(model: &MemGenModel, rows: &[TfRow], batch: usize) -> anyhow::Result<f64> {
+    let [sum, n] = eval_loss_sums(model, rows, batch)?;
+    Ok(if n == 0.0 { f64::NAN } else { sum / n })
+}
+
+/// The validation loss summed over target tokens, and the token count.
+fn eval_loss_sums(model: &MemGenModel, rows: &[TfRow], batch: usize) -> anyhow::Result<[f64; 2]> {
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in rows.chunks(batch.max(1)) {
         let (loss, count) = model.sft_loss(chunk, &mut Mode::Infer)?;
         sum += loss.to_scalar::<f32>()? as f64 * count as f64;
         n += count;
     }
-    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    Ok([sum, n as f64])
 }
 
+/// SFT-train the weaver on `train`, validating on `valid` (docs/DESIGN.md, "The SFT loss").
 pub fn train_sft(
     model: &MemGenModel,
     run: &SftRun,
     train: &[TfRow],
     valid: &[TfRow],
 ) -> anyhow::Result<SftOutcome> {
-    let cfg = &run.cfg;
-    let out = &run.out;
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-    let plan = Plan::new(
-        train.len(),
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.num_train_epochs,
-        cfg.max_steps,
-        run.seed,
-    )?;
-    let sched = Schedule::new(
-        &cfg.lr_scheduler_type,
-        cfg.learning_rate,
-        cfg.warmup_ratio,
-        plan.total_steps,
-    );
-    let q = cfg.insertion_probability;
-    // Validation thins once, with a fixed draw per row, so its losses stay comparable.
-    let thinned_valid: Vec<TfRow>;
-    let valid = if q < 1.0 {
-        thinned_valid = valid
-            .iter()
-            .enumerate()
-            .map(|(i, r)| thin_points(model, r, q, &mut step_rng(run.seed, i as u64, 0xD82)))
-            .collect();
-        &thinned_valid[..]
-    } else {
-        valid
-    };
-    let vars = model.weaver_vars();
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            lr: cfg.learning_rate,
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
-    let mut state = super::resume_or_start(
-        out,
-        run.resume.as_deref(),
+    let mut obj = Sft::new(model, run, train, valid);
+    let done = trainer::train(
         model,
-        &mut opt,
-        &[Part::Weaver],
-        TrainerState {
-            total_steps: plan.total_steps,
-            kind: "sft".into(),
-            settings: run.settings.clone(),
-            ..Default::default()
-        },
-        run.resume_anyway,
+        &mut obj,
+        &loop_config!(&run.cfg),
+        &run.session,
+        &mut Ranks::new(model.weaver_vars()),
     )?;
-    let mut metrics = Metrics::open(out, (state.step > 0).then_some(state.step))?;
-    let pb = progress(plan.total_steps, "weaver sft");
-    pb.set_position(state.step as u64);
-    let started = Instant::now();
-    let elapsed = |st: &TrainerState| st.elapsed + started.elapsed().as_secs_f64();
-
-    let (mut win_loss, mut win_n, mut win_tokens) = (0f64, 0usize, 0usize);
-    let mut win_start = Instant::now();
-    let mut first_loss = None;
-    let mut last_loss = f64::NAN;
-    let mut stopped = false;
-
-    while state.step < plan.total_steps {
-        let s = state.step;
-        // ---- forward/backward over this step's micro-batches, gradients summed ----
-        let micro = plan.micro_batches(s);
-        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; vars.len()];
-        let mut step_loss = 0f64;
-        for (j, idx) in micro.iter().enumerate() {
-            let rows: Vec<&TfRow> = idx.iter().map(|&i| &train[i]).collect();
-            win_tokens += rows.iter().map(|r| r.tokens.len()).sum::<usize>();
-            // The batch loss is the mean NLL over all its target tokens, computed for the whole
-            // micro-batch at once (rows with different memory layouts are woven together).
-            let n_batch: usize = rows.iter().map(|r| n_targets(r)).sum();
-            anyhow::ensure!(n_batch > 0, "a batch without answer tokens");
-            let mut rng = step_rng(run.seed, (s * plan.accum + j) as u64, 0xD80);
-            let batch: Vec<TfRow> = if q < 1.0 {
-                let mut thin_rng = step_rng(run.seed, (s * plan.accum + j) as u64, 0xD81);
-                rows.into_iter()
-                    .map(|r| thin_points(model, r, q, &mut thin_rng))
-                    .collect()
-            } else {
-                rows.into_iter().cloned().collect()
-            };
-            let (loss, _) = model.sft_loss(&batch, &mut Mode::Train(&mut rng))?;
-            let l = loss.to_scalar::<f32>()? as f64;
-            if !l.is_finite() {
-                return Err(super::non_finite_stop(&pb, "loss", l, s + 1, out));
-            }
-            // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation.
-            let w = 1.0 / micro.len() as f64;
-            step_loss += l * w;
-            let g = (loss * w)?.backward()?;
-            accumulate(&mut grads, &vars, &g)?;
-        }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(super::non_finite_stop(
-                &pb,
-                "gradient norm",
-                grad_norm,
-                s + 1,
-                out,
-            ));
-        }
-        let lr = sched.lr(s);
-        opt.step(&grads, lr)?;
-        state.step = s + 1;
-        win_loss += step_loss;
-        win_n += 1;
-        last_loss = step_loss;
-        pb.set_position(state.step as u64);
-
-        // ---- logging ----
-        if state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == plan.total_steps {
-            let secs = win_start.elapsed().as_secs_f64();
-            let avg = win_loss / win_n as f64;
-            first_loss.get_or_insert(avg);
-            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
-            rec["loss"] = json!(avg);
-            rec["lr"] = json!(lr);
-            rec["grad_norm"] = json!(grad_norm);
-            rec["tokens_per_s"] = json!(win_tokens as f64 / secs.max(1e-9));
-            metrics.log(rec)?;
-            pb.set_message(format!(
-                "loss {avg:.4} lr {lr:.2e} {:.0} tok/s",
-                win_tokens as f64 / secs.max(1e-9)
-            ));
-            if pb.is_hidden() {
-                say(
-                    &pb,
-                    &format!(
-                        "step {}/{} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {:.0} tok/s",
-                        state.step,
-                        plan.total_steps,
-                        win_tokens as f64 / secs.max(1e-9)
-                    ),
-                );
-            }
-            (win_loss, win_n, win_tokens) = (0.0, 0, 0);
-            win_start = Instant::now();
-        }
-
-        // ---- validation, best model ----
-        let last = state.step == plan.total_steps;
-        if !valid.is_empty()
-            && (due(&cfg.eval_strategy, cfg.eval_steps, &plan, s)
-                || (last && cfg.eval_strategy != "no"))
-        {
-            let vl = eval_loss(model, valid, cfg.per_device_eval_batch_size)?;
-            let mut rec = record(state.step, plan.epoch_at(state.step), elapsed(&state));
-            rec["eval_loss"] = json!(vl);
-            metrics.log(rec)?;
-            say(&pb, &format!("step {} validation loss {vl:.4}", state.step));
-            if vl.is_finite() && state.best_metric.is_none_or(|b| vl < b) {
-                state.best_metric = Some(vl);
-                state.best_step = Some(state.step);
-                let _hold = crate::signals::critical();
-                model.save(&out.join(BEST))?;
-            }
-        }
-
-        // ---- checkpoints ----
-        if checkpoint_after_step(
-            out,
-            model,
-            &opt,
-            &state,
-            elapsed(&state),
-            &metrics,
-            due(&cfg.save_strategy, cfg.save_steps, &plan, s),
-            last,
-            run.stop_after,
-        )? {
-            stopped = true;
-            break;
-        }
-    }
-    pb.finish_and_clear();
-    if stopped {
-        fail_if_interrupted(state.step, plan.total_steps, out)?;
-        return Ok(SftOutcome {
-            steps: state.step,
-            first_loss: first_loss.unwrap_or(f64::NAN),
-            last_loss,
-            best_eval: state.best_metric,
-            final_dir: None,
-        });
-    }
-    // The final weaver: the best validation checkpoint when asked for, else the last weights.
-    let final_dir = out.join("weaver");
-    if cfg.load_best_model_at_end && state.best_metric.is_some() && out.join(BEST).is_dir() {
-        let best = Path::new(out).join(BEST).join("model.safetensors");
-        model.load_weights(&best, &[Part::Weaver])?;
-        eprintln!(
-            "loaded the best model (step {}, validation loss {:.4})",
-            state.best_step.unwrap_or(0),
-            state.best_metric.unwrap_or(f64::NAN)
-        );
-    }
-    {
-        let _hold = crate::signals::critical();
-        model.save(&final_dir)?;
-    }
-    metrics.plot()?;
     Ok(SftOutcome {
-        steps: state.step,
-        first_loss: first_loss.unwrap_or(f64::NAN),
-        last_loss,
-        best_eval: state.best_metric,
-        final_dir: Some(final_dir),
+        steps: done.steps,
+        first_loss: obj.first_loss.unwrap_or(f64::NAN),
+        last_loss: obj.last_loss,
+        best_eval: done.best_metric,
+        final_dir: done.final_dir,
     })
+}
+
+/// SFT as the loop's [`Objective`]: teacher-forced loss with memories at the prompt point and the
+/// (possibly thinned) delimiter boundaries, averaged over the step's micro-batches.
+struct Sft<'a> {
+    model: &'a MemGenModel,
+    train: &'a [TfRow],
+    /// Thinned once, with a fixed draw per row, so validation losses stay comparable.
+    valid: Cow<'a, [TfRow]>,
+    /// `insertion_probability`.
+    q: f64,
+    seed: u64,
+    micro: usize,
+    eval_batch: usize,
+    /// This step's loss: the mean over its micro-batches (this process's part, then summed over
+    /// the processes at the end of the step), and the tokens it read.
+    step_loss: f64,
+    step_tokens: usize,
+    /// The logging window: summed step losses, steps, tokens read, since when.
+    win_loss: f64,
+    win_n: usize,
+    win_tokens: usize,
+    win_start: Instant,
+    /// Mean training loss of the first logged window, and the last step's loss.
+    first_loss: Option<f64>,
+    last_loss: f64,
+}
+
+impl<'a> Sft<'a> {
+    fn new(model: &'a MemGenModel, run: &SftRun, train: &'a [TfRow], valid: &'a [TfRow]) -> Self {
+        let q = run.cfg.insertion_probability;
+        let valid = if q < 1.0 {
+            Cow::Owned(
+                valid
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        thin_points(
+                            model,
+                            r,
+                            q,
+                            &mut step_rng(run.session.seed, i as u64, 0xD82),
+                        )
+                    })
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(valid)
+        };
+        Sft {
+            model,
+            train,
+            valid,
+            q,
+            seed: run.session.seed,
+            micro: run.cfg.args.per_device_train_batch_size,
+            eval_batch: run.cfg.args.per_device_eval_batch_size,
+            step_loss: 0.0,
+            step_tokens: 0,
+            win_loss: 0.0,
+            win_n: 0,
+            win_tokens: 0,
+            win_start: Instant::now(),
+            first_loss: None,
+            last_loss: f64::NAN,
+        }
+    }
+}
+
+impl Objective for Sft<'_> {
+    fn kind(&self) -> &'static str {
+        "sft"
+    }
+    fn phase(&self) -> &'static str {
+        "weaver sft"
+    }
+    fn part(&self) -> Part {
+        Part::Weaver
+    }
+    fn final_name(&self) -> &'static str {
+        "weaver"
+    }
+    fn vars(&self) -> Vec<Var> {
+        self.model.weaver_vars()
+    }
+    fn items(&self) -> (usize, usize) {
+        (self.train.len(), self.micro)
+    }
+
+    fn begin_step(&mut self, _: &StepBatch, _: &dyn DataParallel) -> anyhow::Result<()> {
+        self.step_loss = 0.0;
+        self.step_tokens = 0;
+        Ok(())
+    }
+
+    fn micro_batch(
+        &mut self,
+        batch: &StepBatch,
+        _update: usize,
+        k: usize,
+        backward: &mut Backward,
+    ) -> anyhow::Result<()> {
+        let (j, idx) = &batch.micro[k];
+        let (whole, off) = (&batch.whole[*j], batch.offset[k]);
+        // The batch loss is the mean NLL over the target tokens of the whole micro-batch (every
+        // process's rows), so the processes' gradients sum to one process's over all of them.
+        let n_whole: usize = whole.iter().map(|&i| n_targets(&self.train[i])).sum();
+        anyhow::ensure!(n_whole > 0, "a batch without answer tokens");
+        if idx.is_empty() {
+            return Ok(()); // a short last micro-batch left this process nothing
+        }
+        let rows: Vec<&TfRow> = idx.iter().map(|&i| &self.train[i]).collect();
+        self.step_tokens += rows.iter().map(|r| r.tokens.len()).sum::<usize>();
+        let n_mine: usize = rows.iter().map(|r| n_targets(r)).sum();
+        let at = (batch.step * batch.accum + j) as u64;
+        // Dropout: each process its own stream (offset 0: the one-process stream).
+        let mut rng = step_rng(self.seed, at, 0xD80 + off as u64);
+        let rows: Vec<TfRow> = if self.q < 1.0 {
+            // Thinning draws run over the whole micro-batch in order, so a row's memories do
+            // not depend on how the rows are split.
+            let mut thin_rng = step_rng(self.seed, at, 0xD81);
+            let thinned: Vec<TfRow> = whole
+                .iter()
+                .map(|&i| thin_points(self.model, &self.train[i], self.q, &mut thin_rng))
+                .collect();
+            thinned[off..off + idx.len()].to_vec()
+        } else {
+            rows.into_iter().cloned().collect()
+        };
+        // This process's rows at once (rows with different memory layouts are woven together).
+        let (loss, _) = self.model.sft_loss(&rows, &mut Mode::Train(&mut rng))?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        // Micro-batch means are averaged, as Hugging Face scales by 1/accumulation; this
+        // process's rows weigh by their share of the micro-batch's tokens.
+        let w = (n_mine as f64 / n_whole as f64) / batch.n_micro as f64;
+        backward((loss * w)?, l)?;
+        self.step_loss += l * w;
+        Ok(())
+    }
+
+    fn end_step(&mut self, dp: &dyn DataParallel) -> anyhow::Result<()> {
+        let mut step = [self.step_loss, self.step_tokens as f64];
+        dp.sum(&mut step)?;
+        self.win_loss += step[0];
+        self.win_tokens += step[1] as usize;
+        self.win_n += 1;
+        self.last_loss = step[0];
+        Ok(())
+    }
+
+    fn log(&mut self, u: &Update) -> LogLine {
+        let tok_s = self.win_tokens as f64 / self.win_start.elapsed().as_secs_f64().max(1e-9);
+        let avg = self.win_loss / self.win_n as f64;
+        self.first_loss.get_or_insert(avg);
+        (self.win_loss, self.win_n, self.win_tokens) = (0.0, 0, 0);
+        self.win_start = Instant::now();
+        let (lr, grad_norm) = (u.lr, u.grad_norm);
+        LogLine {
+            fields: vec![
+                ("loss", json!(avg)),
+                ("lr", json!(lr)),
+                ("grad_norm", json!(grad_norm)),
+                ("tokens_per_s", json!(tok_s)),
+            ],
+            message: format!("loss {avg:.4} lr {lr:.2e} {tok_s:.0} tok/s"),
+            line: format!(
+                "step {}/{} loss {avg:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tok_s:.0} tok/s",
+                u.step, u.total_steps
+            ),
+        }
+    }
+
+    fn has_validation(&self) -> bool {
+        !self.valid.is_empty()
+    }
+
+    fn validate(&mut self, step: usize, dp: &dyn DataParallel) -> anyhow::Result<Validation> {
+        let mine = &self.valid[dp.share(self.valid.len())];
+        let mut sums = eval_loss_sums(self.model, mine, self.eval_batch)?;
+        dp.sum(&mut sums)?;
+        let vl = if sums[1] == 0.0 {
+            f64::NAN
+        } else {
+            sums[0] / sums[1]
+        };
+        Ok(Validation {
+            metric: vl,
+            fields: vec![("eval_loss", json!(vl))],
+            line: format!("step {step} validation loss {vl:.4}"),
+        })
+    }
+
+    fn best_note(&self, metric: f64) -> String {
+        format!("validation loss {metric:.4}")
+    }
 }

@@ -240,3 +240,45 @@ pub fn read_tensors(p: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// Logits (L × vocab, as f32 whatever the model's dtype) of one unpadded sequence, by the given
+/// mode's path: the fused inference kernels for `Mode::Infer`, the differentiable ops otherwise.
+pub fn sequence_logits(
+    m: &memgen::backbone::LoadedModel,
+    ids: &[u32],
+    mode: &mut memgen::backbone::Mode,
+) -> Vec<Vec<f32>> {
+    use memgen::backbone::{Side, Stream};
+    let x = Stream::tokens(&m.backbone, &[ids.to_vec()], 0, Side::Left).unwrap();
+    let h = m.backbone.forward(&x, None, mode).unwrap();
+    let lg = match mode {
+        memgen::backbone::Mode::Infer => m.backbone.logits_infer(&h),
+        _ => m.backbone.logits(&h),
+    };
+    lg.unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// A tiny qwen2 model directory and a work directory holding the run config `write` puts there
+/// (`write(work_dir, model_dir)` returns the config's path): the start of every end-to-end run test.
+pub struct RunSetup {
+    pub _model: tempfile::TempDir,
+    pub work: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+pub fn run_setup(write: fn(&std::path::Path, &std::path::Path) -> PathBuf) -> RunSetup {
+    let (model, _) = tiny_hf_dir("qwen2");
+    let work = tempfile::tempdir().unwrap();
+    let config = write(work.path(), model.path());
+    RunSetup {
+        _model: model,
+        work,
+        config,
+    }
+}

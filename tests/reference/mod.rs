@@ -5,7 +5,7 @@
 
 use candle_core::{Device, IndexOp, Tensor};
 use memgen::backbone::generate::argmax;
-use memgen::backbone::{Backbone, Config, Mode, RopeScaling, Target};
+use memgen::backbone::{Backbone, Config, Mode, RopeScaling, Stream, Target};
 use memgen::memory::generate::Insertion;
 use memgen::memory::teacher::TfRow;
 use memgen::memory::{Kind, MemGenModel};
@@ -22,11 +22,9 @@ pub fn full_forward_mode(bb: &Backbone, x: &Tensor, mode: &mut Mode) -> Tensor {
         return literal_forward(bb, x);
     }
     let n = x.dim(0).unwrap();
-    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
-    bb.forward(&x.unsqueeze(0).unwrap(), &[vec![1u8; n]], &pos, None, mode)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
+    let pos = vec![(0..n as u32).collect::<Vec<_>>()];
+    let x = Stream::new(x.unsqueeze(0).unwrap(), vec![vec![1u8; n]], pos).unwrap();
+    bb.forward(&x, None, mode).unwrap().squeeze(0).unwrap()
 }
 
 /// docs/DESIGN.md "Weaving a memory", literally: the whole context, then the K queries.
@@ -96,17 +94,12 @@ pub fn ref_generate(
             let go = match &m.trigger {
                 None => true,
                 Some(tr) => {
+                    let pos = vec![(0..full.len() as u32).collect::<Vec<_>>()];
+                    let mask = vec![vec![1u8; full.len()]];
                     let ids =
-                        Tensor::from_vec(full.clone(), (1, full.len()), &Device::Cpu).unwrap();
-                    let pos = Tensor::from_vec(
-                        (0..full.len() as u32).collect::<Vec<_>>(),
-                        (1, full.len()),
-                        &Device::Cpu,
-                    )
-                    .unwrap();
-                    let lg = tr
-                        .logits(&ids, &[vec![1u8; full.len()]], &pos, None, &mut Mode::Infer)
-                        .unwrap();
+                        Stream::from_ids(&tr.backbone, std::slice::from_ref(&full), mask, pos)
+                            .unwrap();
+                    let lg = tr.logits(&ids, None, &mut Mode::Infer).unwrap();
                     let last = lg.i((0, full.len() - 1)).unwrap().to_vec1::<f32>().unwrap();
                     argmax(&last) == 1
                 }

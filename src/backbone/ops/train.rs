@@ -298,11 +298,32 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// d scores = scale · p∘(g − Σ g∘p). `bias` (the additive mask) broadcasts to the scores.
 pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
     let sc = scores.contiguous()?;
-    let z = (sc.detach() * scale)?.broadcast_add(&bias.to_dtype(sc.dtype())?)?;
+    let dtype = sc.dtype();
+    if dtype != DType::F32 {
+        return masked_softmax_half(&sc, scale, bias);
+    }
+    let z = (sc.detach() * scale)?.broadcast_add(&bias.to_dtype(dtype)?)?;
     let value = candle_nn::ops::softmax_last_dim(&z)?;
     fused(&sc, value, "masked-softmax", move |_x, p, g| {
         let s = (g * p)?.sum_keepdim(D::Minus1)?;
         (p * g.broadcast_sub(&s)?)? * scale
+    })
+}
+
+/// [`masked_softmax`] for bf16/f16 scores, computed in f32 and returned in the scores' dtype, as
+/// transformers' eager attention does. The mask's `f32::MIN` has no finite bf16/f16 value: cast
+/// down it becomes −∞, and a row with every key masked (left padding, the holes of rows that
+/// insert no memory) would turn into NaN; so the bias is taken in f32, −∞ clamped back to
+/// `f32::MIN` in case the caller already cast it down.
+fn masked_softmax_half(sc: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
+    let dtype = sc.dtype();
+    let bias = bias.to_dtype(DType::F32)?.maximum(f32::MIN)?;
+    let z = (sc.detach().to_dtype(DType::F32)? * scale)?.broadcast_add(&bias)?;
+    let value = candle_nn::ops::softmax_last_dim(&z)?.to_dtype(dtype)?;
+    fused(sc, value, "masked-softmax", move |_x, p, g| {
+        let (p, g) = (p.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let s = (&g * &p)?.sum_keepdim(D::Minus1)?;
+        ((p * g.broadcast_sub(&s)?)? * scale)?.to_dtype(dtype)
     })
 }
 

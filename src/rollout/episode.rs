@@ -14,12 +14,13 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::search::{Action, Episode, SearchEnv, Step};
-use super::{render_chatml, Message, Sample};
+use crate::backbone::chat::{render_chatml, Message};
 use crate::backbone::generate::Sampler;
 use crate::memory::generate::MemoryOptions;
 use crate::memory::teacher::TfRow;
 use crate::memory::{Kind, MemGenModel, Point};
+use crate::tasks::search::{Action, Episode, SearchEnv, Step};
+use crate::tasks::Sample;
 
 /// Settings of a rollout.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,16 +123,6 @@ impl EpisodeResult {
             loss_mask: self.generated.clone(),
             points: self.points.clone(),
         }
-    }
-
-    /// The rendered prompt text (the conversation before the first assistant turn).
-    pub fn prompt_messages(&self) -> &[Message] {
-        let n = self
-            .messages
-            .iter()
-            .position(|m| m.role == "assistant")
-            .unwrap_or(self.messages.len());
-        &self.messages[..n]
     }
 }
 

@@ -1,10 +1,10 @@
 //! `memgen retriever serve|query`.
 
-use super::client::{HttpRetriever, RetrievalConfig};
-use super::index::{Bm25Index, IndexOrigin};
-use super::limits::{parse_secs, ServerLimits};
-use super::server::{serve, shutdown_signal, ServerOptions};
-use super::{format_passages, DEFAULT_TOPK, DEFAULT_URL};
+use crate::retrieval::client::{HttpRetriever, RetrievalConfig};
+use crate::retrieval::index::{Bm25Index, IndexOrigin};
+use crate::retrieval::limits::{parse_secs, ServerLimits};
+use crate::retrieval::server::{serve, shutdown_signal, ServerOptions};
+use crate::retrieval::{format_passages, DEFAULT_TOPK, DEFAULT_URL};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;

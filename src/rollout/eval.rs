@@ -12,11 +12,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::episode::{run_episodes, EpisodeDecision, EpisodeOptions, EpisodeResult, Turn};
-use super::grade::{summarize, AnswerRow};
-use super::search::SearchEnv;
-use super::{render_chatml, Graded, Sample, Task};
+use crate::backbone::chat::render_chatml;
 use crate::backbone::generate::{Sampler, SamplingConfig};
 use crate::memory::{MemGenModel, Point};
+use crate::tasks::grade::{summarize, AnswerRow};
+use crate::tasks::search::SearchEnv;
+use crate::tasks::{Graded, Sample, Task};
 
 /// One row of `answers.jsonl`: the grade file's schema plus what the rollout did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,7 +135,42 @@ fn check_settings(
     crate::util::write_atomic(&path, serde_json::to_string_pretty(info)?.as_bytes())
 }
 
+/// One generation batch (`b`: its index, which seeds it), rolled out and graded.
+fn run_batch(
+    model: &MemGenModel,
+    task: &dyn Task,
+    env: Option<&SearchEnv>,
+    settings: &EvalSettings,
+    b: usize,
+    chunk: &[&Sample],
+) -> anyhow::Result<Vec<EvalRow>> {
+    let batch: Vec<Sample> = chunk.iter().map(|s| (*s).clone()).collect();
+    let mut sampling = settings.sampling.clone();
+    // A per-batch seed keeps sampled runs reproducible across resumes of the same batching.
+    sampling.seed = sampling.seed.wrapping_add(b as u64);
+    let mut sampler = Sampler::new(sampling);
+    let mut ep_opts = settings.episode.clone();
+    ep_opts.seed = ep_opts.seed.wrapping_add(b as u64);
+    let eps = run_episodes(model, &batch, env, &ep_opts, &mut sampler)?;
+    let grades: Vec<Graded> = batch
+        .par_iter()
+        .zip(eps.par_iter())
+        .map(|(s, e)| task.grade(&e.completion, &s.gold))
+        .collect();
+    Ok(batch
+        .iter()
+        .zip(eps)
+        .zip(grades)
+        .map(|((s, e), g)| to_row(s, e, g, env.is_some()))
+        .collect())
+}
+
 /// Evaluate `samples`, resuming from `<dir>/answers.jsonl`. Returns the metrics written.
+///
+/// Under MPI (crate::distributed) the generation batches go round-robin to the ranks, batch
+/// `b` to rank `b mod N` with its one-rank seed; after each round rank 0 gathers the rows and
+/// appends them in batch order, so `answers.jsonl` is the one a single process writes. Rank 0
+/// alone reads and writes `dir`; the others learn the finished rows' ids from it.
 pub fn evaluate(
     model: &MemGenModel,
     task: &dyn Task,
@@ -142,12 +178,20 @@ pub fn evaluate(
     env: Option<&SearchEnv>,
     settings: &EvalSettings,
 ) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let world = crate::distributed::world();
+    let root = world.is_root();
     let dir = &settings.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let answers = dir.join("answers.jsonl");
-    check_settings(dir, &settings.info, answers.is_file())?;
-    let done = read_answers(&answers)?;
-    let done_ids: HashSet<&str> = done.iter().map(|r| r.row.id.as_str()).collect();
+    let mut done = vec![];
+    let mut file = None;
+    if root {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        check_settings(dir, &settings.info, answers.is_file())?;
+        done = read_answers(&answers)?;
+    }
+    let mut done_ids: Vec<String> = done.iter().map(|r| r.row.id.clone()).collect();
+    world.broadcast_json(&mut done_ids, 0)?;
+    let done_ids: HashSet<&str> = done_ids.iter().map(String::as_str).collect();
     let todo: Vec<&Sample> = samples
         .iter()
         .filter(|s| !done_ids.contains(s.id.as_str()))
@@ -158,71 +202,91 @@ pub fn evaluate(
         .filter(|r| ids.contains(r.row.id.as_str()))
         .cloned()
         .collect();
-    eprintln!(
-        "eval: {} samples, {} already in {}, {} to generate",
-        samples.len(),
-        rows.len(),
-        answers.display(),
-        todo.len()
-    );
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&answers)
-        .with_context(|| format!("opening {}", answers.display()))?;
-    // A new answers file is a new directory entry: sync it so the rows appended later are findable.
-    crate::util::sync_dir(dir)?;
+    if root {
+        eprintln!(
+            "eval: {} samples, {} already in {}, {} to generate",
+            samples.len(),
+            samples.len() - todo.len(),
+            answers.display(),
+            todo.len()
+        );
+        file = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&answers)
+                .with_context(|| format!("opening {}", answers.display()))?,
+        );
+        // A new answers file is a new directory entry: sync it so the rows appended later are findable.
+        crate::util::sync_dir(dir)?;
+    }
 
-    let bar = indicatif::ProgressBar::new(todo.len() as u64);
+    let bar = if root {
+        indicatif::ProgressBar::new(todo.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .expect("template"),
     );
-    let multi_turn = env.is_some();
     let started = Instant::now();
     let mut new_tokens = 0usize;
     let mut new_rows = 0usize;
     let mut reward_sum: f64 = rows.iter().map(|r| r.row.reward).sum();
-    let bs = settings.batch_size.max(1);
-    for (b, chunk) in todo.chunks(bs).enumerate() {
-        // SIGINT/SIGTERM (crate::signals): stop between batches; the rows so far are on disk.
-        if crate::signals::requested().is_some() {
+    let batches: Vec<&[&Sample]> = todo.chunks(settings.batch_size.max(1)).collect();
+    let mut stopped = false;
+    for round in (0..batches.len()).step_by(world.size()) {
+        // SIGINT/SIGTERM (crate::signals), on any rank: stop between batches; the rows so far
+        // are on disk.
+        if world.agree_on_signal()?.is_some() {
+            stopped = true;
             break;
         }
-        let batch: Vec<Sample> = chunk.iter().map(|s| (*s).clone()).collect();
-        let mut sampling = settings.sampling.clone();
-        // A per-batch seed keeps sampled runs reproducible across resumes of the same batching.
-        sampling.seed = sampling.seed.wrapping_add(b as u64);
-        let mut sampler = Sampler::new(sampling);
-        let mut ep_opts = settings.episode.clone();
-        ep_opts.seed = ep_opts.seed.wrapping_add(b as u64);
-        let eps = run_episodes(model, &batch, env, &ep_opts, &mut sampler)?;
-        let grades: Vec<Graded> = batch
-            .par_iter()
-            .zip(eps.par_iter())
-            .map(|(s, e)| task.grade(&e.completion, &s.gold))
-            .collect();
+        let b = round + world.rank();
+        let mine = match batches.get(b) {
+            Some(chunk) => run_batch(model, task, env, settings, b, chunk)?,
+            None => vec![],
+        };
         let mut out = String::new();
-        for ((s, e), g) in batch.iter().zip(eps).zip(grades) {
-            new_tokens += e.sampled_tokens;
-            let row = to_row(s, e, g, multi_turn);
-            reward_sum += row.row.reward;
-            out.push_str(&serde_json::to_string(&row)?);
+        for row in &mine {
+            out.push_str(&serde_json::to_string(row)?);
             out.push('\n');
+        }
+        // Rank 0 gathers the round's rows in batch order (rank r ran batch round + r).
+        let texts = if world.size() == 1 {
+            vec![out.into_bytes()]
+        } else {
+            world.all_gather_bytes(out.as_bytes())?
+        };
+        let Some(file) = file.as_mut() else {
+            continue;
+        };
+        let mut round_rows = mine;
+        for text in &texts[1..] {
+            for line in std::str::from_utf8(text)?.lines() {
+                round_rows.push(serde_json::from_str(line)?);
+            }
+        }
+        for row in round_rows {
+            new_tokens += row.completion_tokens;
+            reward_sum += row.row.reward;
             rows.push(row);
             new_rows += 1;
         }
-        // One write per batch, then fsync, not aborted midway by a second signal: the file only
+        // One write per round, then fsync, not aborted midway by a second signal: the file only
         // ever gains whole rows (a SIGKILL can still tear the last line; read_answers cuts it).
         {
             let _hold = crate::signals::critical();
-            file.write_all(out.as_bytes())?;
+            for text in &texts {
+                file.write_all(text)?;
+            }
             file.sync_data()?;
         }
-        bar.inc(chunk.len() as u64);
-        crate::signals::pause_for_test(b + 1);
+        bar.set_position(new_rows as u64);
+        crate::signals::pause_for_test(round + world.size().min(batches.len() - round));
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
             "acc {:.3}  {:.1} tok/s",
@@ -232,27 +296,38 @@ pub fn evaluate(
     }
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
-    eprintln!("eval: generated {new_rows} rows in {wall:.1}s");
-    if rows.len() < samples.len() {
-        if let Some(sig) = crate::signals::requested() {
-            return Err(crate::signals::Interrupted {
-                signal: sig,
-                message: format!(
-                    "stopped by {} after {} of {} rows (kept in {}); run the same command again to resume",
-                    crate::signals::name(sig),
-                    rows.len(),
-                    samples.len(),
-                    answers.display()
-                ),
-            }
-            .into());
-        }
-        anyhow::bail!(
-            "interrupted after {} of {} rows; run the same command again to resume",
-            rows.len(),
-            samples.len()
-        );
+    if root {
+        eprintln!("eval: generated {new_rows} rows in {wall:.1}s");
     }
+    if stopped {
+        let sig = crate::signals::requested().unwrap_or(crate::signals::SIGTERM);
+        return Err(crate::signals::Interrupted {
+            signal: sig,
+            message: format!(
+                "stopped by {} after {} of {} rows (kept in {}); run the same command again to resume",
+                crate::signals::name(sig),
+                rows.len(),
+                samples.len(),
+                answers.display()
+            ),
+        }
+        .into());
+    }
+    if !root {
+        // The metrics are rank 0's to compute and write; waiting for them keeps every rank alive
+        // until the run is complete (an error on rank 0 then aborts this one).
+        let mut metrics = BTreeMap::new();
+        world.broadcast_json(&mut metrics, 0)?;
+        return Ok(metrics);
+    }
+    anyhow::ensure!(
+        rows.len() == samples.len(),
+        "{} holds {} of {} rows after the run",
+        answers.display(),
+        rows.len(),
+        samples.len()
+    );
+    let multi_turn = env.is_some();
 
     let grades: Vec<Graded> = rows.iter().map(graded_of).collect();
     let mut metrics: BTreeMap<String, serde_json::Value> = summarize(&grades)
@@ -297,6 +372,7 @@ pub fn evaluate(
     }
     let text = serde_json::to_string_pretty(&metrics)?;
     crate::util::write_atomic(&dir.join("metrics.json"), text.as_bytes())?;
+    world.broadcast_json(&mut metrics, 0)?;
     Ok(metrics)
 }
 
