@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::kernels::PackedWeight;
 use super::lora::{LoraSet, Target};
-use super::ops::{self, AttnSpec, Kernels, LoraUpdate, Ops, Packing};
+use super::ops::{self, AttnSpec, Kernels, LoraUpdate, Ops, Packing, Queries};
 use super::stream::Stream;
 use super::weights::BaseWeights;
 use super::Config;
@@ -316,8 +316,7 @@ impl Backbone {
     }
 
     /// One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each added to the residual
-    /// stream. q/k/v and gate/up are single fused products; their rows are `[q | k | v]` and
-    /// `[gate | up]`. With row packing, `x` holds only the real rows (1 × N × d), and so does the
+    /// stream. With row packing, `x` holds only the real rows (1 × N × d), and so does the
     /// result.
     fn block(
         &self,
@@ -327,16 +326,66 @@ impl Backbone {
         cache: Option<&mut KvCache>,
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
+        let w = &self.weights.layers[li];
+        let (ops, eps) = (&pass.ops, self.config().rms_norm_eps);
+
+        let h = ops.rms_norm(x, &w.input_layernorm, eps)?;
+        let (q, k, v) = if ops.stacked() {
+            self.qkv_rows(li, &h, pass, mode)?
+        } else {
+            self.qkv_heads(li, &h, pass, mode)?
+        };
+        let (k, v) = match cache {
+            Some(cache) => cache.append(li, &k, &v, mode.grad())?,
+            None => (k, v),
+        };
+        let attn = pass.pack(&ops.attention(&q, &k, &v, &pass.attn)?)?;
+        let o = self.proj(
+            li,
+            Target::O,
+            &attn,
+            (&w.o_proj, Some(&w.packed.o)),
+            ops,
+            mode,
+        )?;
+        let x = ops.residual(x, &o)?;
+
+        let h = ops.rms_norm(&x, &w.post_attention_layernorm, eps)?;
+        let act = if ops.stacked() {
+            ops.silu_mul_rows(&self.gate_up(li, &h, ops, mode)?)?
+        } else {
+            let gate = self.proj(li, Target::Gate, &h, (&w.gate_proj, None), ops, mode)?;
+            let up = self.proj(li, Target::Up, &h, (&w.up_proj, None), ops, mode)?;
+            ops.silu_mul(&gate, &up)?
+        };
+        let down = self.proj(
+            li,
+            Target::Down,
+            &act,
+            (&w.down_proj, Some(&w.packed.down)),
+            ops,
+            mode,
+        )?;
+        ops.residual(&x, &down)
+    }
+
+    /// The stacked path's attention inputs: rows `[q | k | v]` (one product, Qwen3's q/k norms
+    /// and the rotation applied in place), k and v as heads over the full (B × L) layout.
+    fn qkv_rows(
+        &self,
+        li: usize,
+        h: &Tensor,
+        pass: &Pass,
+        mode: &mut Mode,
+    ) -> candle_core::Result<(Queries, Tensor, Tensor)> {
         let c = self.config();
         let w = &self.weights.layers[li];
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (ops, eps) = (&pass.ops, c.rms_norm_eps);
-
-        let h = ops.rms_norm(x, &w.input_layernorm, eps)?;
-        let qkv = self.qkv(li, &h, ops, mode)?;
+        let ops = &pass.ops;
+        let qkv = self.qkv(li, h, ops, mode)?;
         // Qwen3 normalises each q and k head before the rotation.
         let qkv = match (&w.q_norm, &w.k_norm) {
-            (Some(qn), Some(kn)) => ops.qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, eps)?,
+            (Some(qn), Some(kn)) => ops.qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, c.rms_norm_eps)?,
             _ => qkv,
         };
         // NoPE layers (SmolLM3) leave q and k unrotated.
@@ -350,33 +399,30 @@ impl Backbone {
         let qkv = pass.unpack(&qkv)?;
         let k = ops.take_heads(&qkv, nh, nkv, hd)?;
         let v = ops.take_heads(&qkv, nh + nkv, nkv, hd)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(li, &k, &v, mode.grad())?,
-            None => (k, v),
-        };
-        let attn = pass.pack(&ops.attention(&qkv, &k, &v, &pass.attn)?)?;
-        let o = self.proj(
-            li,
-            Target::O,
-            &attn,
-            (&w.o_proj, Some(&w.packed.o)),
-            ops,
-            mode,
-        )?;
-        let x = ops.residual(x, &o)?;
+        Ok((Queries::Rows(qkv), k, v))
+    }
 
-        let h = ops.rms_norm(&x, &w.post_attention_layernorm, eps)?;
-        let gate_up = self.gate_up(li, &h, ops, mode)?;
-        let act = ops.silu_mul(&gate_up)?;
-        let down = self.proj(
-            li,
-            Target::Down,
-            &act,
-            (&w.down_proj, Some(&w.packed.down)),
-            ops,
-            mode,
-        )?;
-        ops.residual(&x, &down)
+    /// The attention inputs elsewhere: one product per projection, each split into heads once
+    /// (B × n × L × hd), with Qwen3's per-head norms and the rotation applied to the heads.
+    fn qkv_heads(
+        &self,
+        li: usize,
+        h: &Tensor,
+        pass: &Pass,
+        mode: &mut Mode,
+    ) -> candle_core::Result<(Queries, Tensor, Tensor)> {
+        let c = self.config();
+        let w = &self.weights.layers[li];
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (ops, eps) = (&pass.ops, c.rms_norm_eps);
+        let rope = c.uses_rope(li).then_some((&pass.rope.0, &pass.rope.1));
+        let q = self.part(li, h, (Target::Q, &w.q_proj, w.q_bias.as_ref()), ops, mode)?;
+        let k = self.part(li, h, (Target::K, &w.k_proj, w.k_bias.as_ref()), ops, mode)?;
+        let v = self.part(li, h, (Target::V, &w.v_proj, w.v_bias.as_ref()), ops, mode)?;
+        let q = ops.heads(&q, nh, hd, w.q_norm.as_ref().map(|n| (n, eps)), rope)?;
+        let k = ops.heads(&k, nkv, hd, w.k_norm.as_ref().map(|n| (n, eps)), rope)?;
+        let v = ops.heads(&v, nkv, hd, None, None)?;
+        Ok((Queries::Heads(q), k, v))
     }
 
     /// Rows `[q | k | v]` of layer `li` from the normed input `h`.
@@ -433,9 +479,8 @@ impl Backbone {
     ) -> candle_core::Result<Tensor> {
         let Some((w, bias, packed)) = stack else {
             let mut ys = Vec::with_capacity(parts.len());
-            for &(t, w, b) in parts {
-                let y = self.add_bias(ops.linear(h, w, None)?, b, ops)?;
-                ys.push(self.add_lora(li, y, h, &[(t, 0)], ops, mode)?);
+            for &part in parts {
+                ys.push(self.part(li, h, part, ops, mode)?);
             }
             return Tensor::cat(&ys, D::Minus1);
         };
@@ -447,6 +492,19 @@ impl Backbone {
             col += w.dim(0)?;
         }
         self.add_lora(li, y, h, &targets, ops, mode)
+    }
+
+    /// One projection `(target, weight, bias)` of layer `li` from `h`, plus its LoRA update.
+    fn part(
+        &self,
+        li: usize,
+        h: &Tensor,
+        (t, w, b): (Target, &Tensor, Option<&Tensor>),
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.add_bias(ops.linear(h, w, None)?, b, ops)?;
+        self.add_lora(li, y, h, &[(t, 0)], ops, mode)
     }
 
     fn add_bias(&self, y: Tensor, b: Option<&Tensor>, ops: &Ops) -> candle_core::Result<Tensor> {

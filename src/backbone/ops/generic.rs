@@ -52,67 +52,28 @@ pub(crate) fn const_mul(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Heads `start..start + n` of rows (B × L × W) as a contiguous (B × n × L × hd) tensor.
-pub(crate) fn take_heads(x: &Tensor, start: usize, n: usize, hd: usize) -> Result<Tensor> {
-    let (b, l, _) = x.dims3()?;
-    x.narrow(2, start * hd, n * hd)?
-        .reshape((b, l, n, hd))?
-        .transpose(1, 2)?
-        .contiguous()
-}
-
-/// Rotary embedding of the first `heads` heads of each row of `x` (B × L × W), `cos`/`sin`
-/// (B × L × hd/2); the rest of each row passes through.
-pub(crate) fn rope_rows(
+/// One projection's output `x` (B × L × n·hd) as heads (B × n × L × hd), split once: Qwen3's
+/// per-head RMSNorm (`norm`: weight, eps) and the rotary embedding (`rope`: cos, sin of
+/// B × L × hd/2) are applied to the heads. Slicing stacked `[q | k | v]` rows instead costs a
+/// full-width gradient per slice in the backward pass (docs/EXPERIMENTS.md).
+pub(crate) fn heads(
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    heads: usize,
+    n: usize,
     hd: usize,
+    norm: Option<(&Tensor, f64)>,
+    rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    let (b, l, w) = x.dims3()?;
-    let r = train::apply_rope(&take_heads(x, 0, heads, hd)?, cos, sin)?
-        .transpose(1, 2)?
-        .reshape((b, l, heads * hd))?;
-    if heads * hd == w {
-        return Ok(r);
-    }
-    Tensor::cat(&[&r, &x.narrow(2, heads * hd, w - heads * hd)?], 2)
-}
-
-/// Qwen3's per-head RMSNorm of the q heads (weight `qn`) and k heads (`kn`) of rows
-/// `[q heads | k heads | v heads]` (B × L × W); the v heads pass through.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn qk_norm_rows(
-    qkv: &Tensor,
-    qn: &Tensor,
-    kn: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f64,
-) -> Result<Tensor> {
-    let (b, l, _) = qkv.dims3()?;
-    let norm = |start: usize, n: usize, w: &Tensor| -> Result<Tensor> {
-        let x = qkv
-            .narrow(2, start * head_dim, n * head_dim)?
-            .contiguous()?
-            .reshape((b, l, n, head_dim))?;
-        train::rms_norm(&x, w, eps)?.reshape((b, l, n * head_dim))
+    let (b, l, _) = x.dims3()?;
+    let x = x.reshape((b, l, n, hd))?;
+    let x = match norm {
+        Some((w, eps)) => train::rms_norm(&x, w, eps)?,
+        None => x,
     };
-    let q = norm(0, heads, qn)?;
-    let k = norm(heads, kv_heads, kn)?;
-    let v = qkv.narrow(2, (heads + kv_heads) * head_dim, kv_heads * head_dim)?;
-    Tensor::cat(&[&q, &k, &v], 2)
-}
-
-/// `silu(x[.., :I]) * x[.., I:]` for the fused gate/up output, with a backward pass.
-pub(crate) fn silu_mul_rows(gate_up: &Tensor) -> Result<Tensor> {
-    let w = gate_up.dim(D::Minus1)? / 2;
-    train::silu_mul(
-        &gate_up.narrow(D::Minus1, 0, w)?,
-        &gate_up.narrow(D::Minus1, w, w)?,
-    )
+    let x = x.transpose(1, 2)?;
+    match rope {
+        Some((cos, sin)) => train::apply_rope(&x, cos, sin),
+        None => x.contiguous(),
+    }
 }
 
 /// Additive attention bias (B × 1 × 1 × L × T) for L new queries after `past` cached positions:
@@ -140,22 +101,22 @@ pub(crate) fn attention_bias(
     Tensor::from_vec(v, (b, 1, 1, l, t), device)
 }
 
-/// Causal grouped-query attention of the q heads of rows `qkv` (B × L × W) over keys and values
-/// (B × KV × T × hd), through the additive `bias`: (B × L × heads · hd).
+/// Causal grouped-query attention of the query heads `q` (B × heads × L × hd) over keys and
+/// values (B × KV × T × hd), through the additive `bias`: (B × L × heads · hd).
 pub(crate) fn attention(
-    qkv: &Tensor,
+    q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     a: &AttnSpec,
     bias: &Tensor,
 ) -> Result<Tensor> {
-    let (b, l, _) = qkv.dims3()?;
+    let (b, _, l, _) = q.dims4()?;
     let (nh, nkv, hd) = (a.heads, a.kv_heads, a.head_dim);
     let rep = nh / nkv;
     let t = k.dim(2)?;
     // Grouped-query attention without copying k/v: the `rep` query heads that share a kv head
     // are stacked along the row axis (head h uses kv head h / rep, as HF's repeat_kv does).
-    let q = take_heads(qkv, 0, nh, hd)?.reshape((b, nkv, rep * l, hd))?;
+    let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
     let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, l, t))?;
     let probs = train::masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), bias)?;
     let attn = probs.reshape((b, nkv, rep * l, t))?.matmul(v)?;

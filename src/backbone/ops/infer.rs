@@ -84,6 +84,32 @@ pub(crate) fn silu_mul_rows(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
+/// Qwen3's per-head RMSNorm of the q heads (weight `qn`) and k heads (`kn`) of rows
+/// `[q heads | k heads | v heads]` (B × L × W); the v heads pass through.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qk_norm_rows(
+    qkv: &Tensor,
+    qn: &Tensor,
+    kn: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, l, _) = qkv.dims3()?;
+    let norm = |start: usize, n: usize, w: &Tensor| -> Result<Tensor> {
+        let x = qkv
+            .narrow(2, start * head_dim, n * head_dim)?
+            .contiguous()?
+            .reshape((b, l, n, head_dim))?;
+        super::train::rms_norm(&x, w, eps)?.reshape((b, l, n * head_dim))
+    };
+    let q = norm(0, heads, qn)?;
+    let k = norm(heads, kv_heads, kn)?;
+    let v = qkv.narrow(2, (heads + kv_heads) * head_dim, kv_heads * head_dim)?;
+    Tensor::cat(&[&q, &k, &v], 2)
+}
+
 /// Rotary embedding on the first `heads` heads of rows `x` (B × L × W, W ≥ heads · hd), with
 /// `cos`/`sin` of shape (B × L × hd/2); the rest of each row is copied as is.
 struct RopeRows {

@@ -99,6 +99,13 @@ pub(crate) struct LoraUpdate<'a> {
     pub col: usize,
 }
 
+/// The queries of [`Ops::attention`]: stacked rows `[q | k | v]` (B × L × W) on the stacked
+/// path, whose kernel reads the q heads in place; q heads (B × heads × L × hd) elsewhere.
+pub(crate) enum Queries {
+    Rows(Tensor),
+    Heads(Tensor),
+}
+
 /// The attention of one forward: head counts, the cached length, and the mask over all keys.
 pub(crate) struct AttnSpec<'a> {
     pub heads: usize,
@@ -208,7 +215,15 @@ impl Ops {
         train::rms_norm(x, w, eps)
     }
 
-    /// Qwen3's per-head RMSNorm of the q and k heads of rows `[q | k | v]`.
+    /// Whether this path computes q/k/v and gate/up as stacked rows (`[q | k | v]`,
+    /// `[gate | up]`: one product each, f32 CPU inference, where the fused row kernels below
+    /// pay), or one product per projection split into heads once ([`Ops::heads`]: graphs and
+    /// other devices, where slicing rows would cost a full-width gradient per slice).
+    pub(crate) fn stacked(&self) -> bool {
+        self.fast()
+    }
+
+    /// Stacked rows only: Qwen3's per-head RMSNorm of the q and k heads of rows `[q | k | v]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn qk_norm_rows(
         &self,
@@ -220,10 +235,10 @@ impl Ops {
         head_dim: usize,
         eps: f64,
     ) -> Result<Tensor> {
-        generic::qk_norm_rows(qkv, qn, kn, heads, kv_heads, head_dim, eps)
+        infer::qk_norm_rows(qkv, qn, kn, heads, kv_heads, head_dim, eps)
     }
 
-    /// Rotary embedding of the first `heads` heads of rows (B × L × W).
+    /// Stacked rows only: rotary embedding of the first `heads` heads of rows (B × L × W).
     pub(crate) fn rope_rows(
         &self,
         x: &Tensor,
@@ -232,14 +247,10 @@ impl Ops {
         heads: usize,
         head_dim: usize,
     ) -> Result<Tensor> {
-        if self.fast() {
-            infer::rope_rows(x, cos, sin, heads, head_dim)
-        } else {
-            generic::rope_rows(x, cos, sin, heads, head_dim)
-        }
+        infer::rope_rows(x, cos, sin, heads, head_dim)
     }
 
-    /// Heads `start..start + n` of rows (B × L × W) as (B × n × L × hd).
+    /// Stacked rows only: heads `start..start + n` of rows (B × L × W) as (B × n × L × hd).
     pub(crate) fn take_heads(
         &self,
         x: &Tensor,
@@ -247,34 +258,47 @@ impl Ops {
         n: usize,
         hd: usize,
     ) -> Result<Tensor> {
-        if self.fast() {
-            infer::take_heads(x, start, n, hd)
-        } else {
-            generic::take_heads(x, start, n, hd)
-        }
+        infer::take_heads(x, start, n, hd)
     }
 
-    /// Causal grouped-query attention of the q heads of rows `qkv` over keys and values so far
-    /// (B × KV × T × hd): (B × L × heads · hd).
+    /// Stacked rows only: `silu(gate) ∘ up` of the gate/up rows `[gate | up]`.
+    pub(crate) fn silu_mul_rows(&self, gate_up: &Tensor) -> Result<Tensor> {
+        infer::silu_mul_rows(gate_up)
+    }
+
+    /// One projection's output (B × L × n·hd) as heads (B × n × L × hd), with Qwen3's per-head
+    /// norm (`norm`: weight, eps) and the rotary embedding (`rope`: cos, sin) applied to them.
+    pub(crate) fn heads(
+        &self,
+        x: &Tensor,
+        n: usize,
+        hd: usize,
+        norm: Option<(&Tensor, f64)>,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        generic::heads(x, n, hd, norm, rope)
+    }
+
+    /// `silu(gate) ∘ up`, with a backward pass.
+    pub(crate) fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        train::silu_mul(gate, up)
+    }
+
+    /// Causal grouped-query attention of `q` over keys and values so far (B × KV × T × hd):
+    /// (B × L × heads · hd).
     pub(crate) fn attention(
         &self,
-        qkv: &Tensor,
+        q: &Queries,
         k: &Tensor,
         v: &Tensor,
         a: &AttnSpec,
     ) -> Result<Tensor> {
-        match &a.bias {
-            None => infer::attention(qkv, k, v, a),
-            Some(bias) => generic::attention(qkv, k, v, a, bias),
-        }
-    }
-
-    /// `silu(gate) ∘ up` of the fused gate/up rows `[gate | up]`.
-    pub(crate) fn silu_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
-        if self.fast() {
-            infer::silu_mul_rows(gate_up)
-        } else {
-            generic::silu_mul_rows(gate_up)
+        match (q, &a.bias) {
+            (Queries::Rows(qkv), None) => infer::attention(qkv, k, v, a),
+            (Queries::Heads(q), Some(bias)) => generic::attention(q, k, v, a, bias),
+            _ => candle_core::bail!(
+                "attention: stacked rows go with the fused path, heads with the bias"
+            ),
         }
     }
 
