@@ -73,7 +73,11 @@ fn row_kernels_match_their_generic_twins() {
     // The stacked rows' kernels against one projection split into heads, as graphs run them.
     let fast = infer::rope_rows(&rows, &cos, &sin, heads + kvh, hd).unwrap();
     assert!(diff(&fast, &rows) > 1e-2);
-    for (start, n, rotated) in [(0, heads, true), (heads, kvh, true), (heads + kvh, kvh, false)] {
+    for (start, n, rotated) in [
+        (0, heads, true),
+        (heads, kvh, true),
+        (heads + kvh, kvh, false),
+    ] {
         let part = rows.narrow(2, start * hd, n * hd).unwrap();
         let rope = rotated.then_some((&cos, &sin));
         let (f, g) = (
