@@ -330,11 +330,7 @@ impl Backbone {
         let (ops, eps) = (&pass.ops, self.config().rms_norm_eps);
 
         let h = ops.rms_norm(x, &w.input_layernorm, eps)?;
-        let (q, k, v) = if ops.stacked() {
-            self.qkv_rows(li, &h, pass, mode)?
-        } else {
-            self.qkv_heads(li, &h, pass, mode)?
-        };
+        let (q, k, v) = self.attention_inputs(li, &h, pass, mode)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(li, &k, &v, mode.grad())?,
             None => (k, v),
@@ -369,42 +365,11 @@ impl Backbone {
         ops.residual(&x, &down)
     }
 
-    /// The stacked path's attention inputs: rows `[q | k | v]` (one product, Qwen3's q/k norms
-    /// and the rotation applied in place), k and v as heads over the full (B × L) layout.
-    fn qkv_rows(
-        &self,
-        li: usize,
-        h: &Tensor,
-        pass: &Pass,
-        mode: &mut Mode,
-    ) -> candle_core::Result<(Queries, Tensor, Tensor)> {
-        let c = self.config();
-        let w = &self.weights.layers[li];
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ops = &pass.ops;
-        let qkv = self.qkv(li, h, ops, mode)?;
-        // Qwen3 normalises each q and k head before the rotation.
-        let qkv = match (&w.q_norm, &w.k_norm) {
-            (Some(qn), Some(kn)) => ops.qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, c.rms_norm_eps)?,
-            _ => qkv,
-        };
-        // NoPE layers (SmolLM3) leave q and k unrotated.
-        let qkv = if c.uses_rope(li) {
-            let (cos, sin) = &pass.rope;
-            ops.rope_rows(&qkv, cos, sin, nh + nkv, hd)?
-        } else {
-            qkv
-        };
-        // Attention works on the full (B × L) layout: the cache keeps every slot.
-        let qkv = pass.unpack(&qkv)?;
-        let k = ops.take_heads(&qkv, nh, nkv, hd)?;
-        let v = ops.take_heads(&qkv, nh + nkv, nkv, hd)?;
-        Ok((Queries::Rows(qkv), k, v))
-    }
-
-    /// The attention inputs elsewhere: one product per projection, each split into heads once
-    /// (B × n × L × hd), with Qwen3's per-head norms and the rotation applied to the heads.
-    fn qkv_heads(
+    /// The attention's inputs from the normed input `h`: the queries, and k and v as heads
+    /// (B × KV × L × hd) over the full (B × L) layout (the cache keeps every slot). Qwen3
+    /// normalises each q and k head before the rotation; NoPE layers (SmolLM3) leave q and k
+    /// unrotated.
+    fn attention_inputs(
         &self,
         li: usize,
         h: &Tensor,
@@ -415,7 +380,26 @@ impl Backbone {
         let w = &self.weights.layers[li];
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (ops, eps) = (&pass.ops, c.rms_norm_eps);
-        let rope = c.uses_rope(li).then_some((&pass.rope.0, &pass.rope.1));
+        let (cos, sin) = &pass.rope;
+        if ops.stacked() {
+            // Rows `[q | k | v]` by one product, normed and rotated in place.
+            let qkv = self.qkv(li, h, ops, mode)?;
+            let qkv = match (&w.q_norm, &w.k_norm) {
+                (Some(qn), Some(kn)) => ops.qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, eps)?,
+                _ => qkv,
+            };
+            let qkv = if c.uses_rope(li) {
+                ops.rope_rows(&qkv, cos, sin, nh + nkv, hd)?
+            } else {
+                qkv
+            };
+            let qkv = pass.unpack(&qkv)?;
+            let k = ops.take_heads(&qkv, nh, nkv, hd)?;
+            let v = ops.take_heads(&qkv, nh + nkv, nkv, hd)?;
+            return Ok((Queries::Rows(qkv), k, v));
+        }
+        // One product per projection, each split into heads once.
+        let rope = c.uses_rope(li).then_some((cos, sin));
         let q = self.part(li, h, (Target::Q, &w.q_proj, w.q_bias.as_ref()), ops, mode)?;
         let k = self.part(li, h, (Target::K, &w.k_proj, w.k_bias.as_ref()), ops, mode)?;
         let v = self.part(li, h, (Target::V, &w.v_proj, w.v_bias.as_ref()), ops, mode)?;
