@@ -6,13 +6,13 @@ pub mod chat;
 pub(crate) mod config;
 pub mod generate;
 pub(crate) mod hf_config;
+pub(crate) mod kernels;
 pub(crate) mod limits;
 pub(crate) mod lora;
 // Public only for the mask → positions helpers the tests and benches build inputs with.
 #[doc(hidden)]
 pub mod model;
 pub(crate) mod ops;
-pub(crate) mod packed;
 pub mod stream;
 pub(crate) mod tokenizer;
 pub(crate) mod weights;
@@ -25,6 +25,7 @@ use candle_core::{DType, Device};
 pub use config::{Arch, Config, RopeScaling};
 pub use lora::{LoraConfig, LoraSet, Target};
 pub use model::{Backbone, KvCache, Mode};
+pub use ops::Kernels;
 pub use stream::{Side, Stream, StreamError};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;

@@ -1,15 +1,17 @@
 //! The decoder: LLaMA / Qwen2 / Qwen3 / SmolLM3 blocks (the families differ only in q/k biases,
-//! Qwen3's per-head q/k norms, SmolLM3's NoPE layers and the rope frequencies) over input embeddings, with explicit attention mask, position
-//! ids, an optional KV cache and optional LoRA adapters. One forward serves inference (fast fused
-//! ops) and training (ops with a backward pass); both compute the same function.
+//! Qwen3's per-head q/k norms, SmolLM3's NoPE layers and the rope frequencies) over input
+//! embeddings, with explicit attention mask, position ids, an optional KV cache and optional LoRA
+//! adapters. One block serves inference and training: which implementation each op runs (fused
+//! f32 CPU kernels, ops with a backward pass, or the device-generic Candle ops) is decided by
+//! [`Ops`] from the mode, dtype, device and [`Kernels`] setting; all compute the same function.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
-use rand::Rng;
 
+use super::kernels::PackedWeight;
 use super::lora::{LoraSet, Target};
-use super::ops;
+use super::ops::{self, AttnSpec, Kernels, LoraUpdate, Ops, Packing, Queries};
 use super::stream::Stream;
 use super::weights::BaseWeights;
 use super::Config;
@@ -35,6 +37,8 @@ impl Mode<'_> {
 pub struct Backbone {
     pub weights: Arc<BaseWeights>,
     pub lora: LoraSet,
+    /// Which implementation of the custom ops runs on the CPU (fused kernels unless set).
+    pub kernels: Kernels,
 }
 
 /// Per-layer keys and values of everything seen so far, in preallocated buffers that grow by
@@ -170,98 +174,12 @@ impl KvCache {
     }
 }
 
-/// Where the real (unmasked) rows of a B × L input sit, for running the row-wise parts of a block
-/// on those rows alone.
-struct Packing {
-    b: usize,
-    l: usize,
-    /// Flat indices (b·L + i) of the real rows, in order.
-    real: Tensor,
-    /// For each of the B·L slots, its row in `[packed; zero row]` (N for a masked slot).
-    spread: Tensor,
-    n: usize,
-}
-
-impl Packing {
-    /// None when every row is real (nothing to gain) or none is.
-    fn new(mask: &[Vec<u8>], device: &Device) -> candle_core::Result<Option<Packing>> {
-        let (b, l) = (mask.len(), mask.first().map_or(0, |m| m.len()));
-        let mut real = Vec::with_capacity(b * l);
-        let mut spread = Vec::with_capacity(b * l);
-        for (i, &m) in mask.iter().flatten().enumerate() {
-            if m != 0 {
-                spread.push(real.len() as u32);
-                real.push(i as u32);
-            } else {
-                spread.push(u32::MAX);
-            }
-        }
-        let n = real.len();
-        if n == b * l || n == 0 {
-            return Ok(None);
-        }
-        for s in &mut spread {
-            if *s == u32::MAX {
-                *s = n as u32;
-            }
-        }
-        Ok(Some(Packing {
-            b,
-            l,
-            real: Tensor::from_vec(real, n, device)?,
-            spread: Tensor::from_vec(spread, b * l, device)?,
-            n,
-        }))
-    }
-
-    /// (B × L × w) → (1 × N × w): the real rows.
-    fn pack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = x.dim(2)?;
-        x.reshape((self.b * self.l, w))?
-            .index_select(&self.real, 0)?
-            .reshape((1, self.n, w))
-    }
-
-    /// (1 × N × w) → (B × L × w), zeros in the masked slots.
-    fn unpack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = x.dim(2)?;
-        let zero = Tensor::zeros((1, w), x.dtype(), x.device())?;
-        Tensor::cat(&[&x.reshape((self.n, w))?, &zero], 0)?
-            .index_select(&self.spread, 0)?
-            .reshape((self.b, self.l, w))
-    }
-}
-
-/// Additive attention bias (B × 1 × 1 × L × T) for L new queries after `past` cached positions:
-/// causal by sequence index, and masked wherever the key is padding.
-fn attention_bias(
-    full_mask: &[Vec<u8>],
-    past: usize,
-    l: usize,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let b = full_mask.len();
-    let t = past + l;
-    let neg = f32::MIN;
-    let mut v = vec![neg; b * l * t];
-    for (bi, row) in full_mask.iter().enumerate() {
-        for i in 0..l {
-            let base = (bi * l + i) * t;
-            for j in 0..=past + i {
-                if row[j] != 0 {
-                    v[base + j] = 0.0;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(v, (b, 1, 1, l, t), device)
-}
-
 impl Backbone {
     pub fn new(weights: Arc<BaseWeights>) -> Backbone {
         Backbone {
             weights,
             lora: LoraSet::default(),
+            kernels: Kernels::current_default(),
         }
     }
 
@@ -310,15 +228,22 @@ impl Backbone {
             .reshape((b, l, self.hidden_size()))
     }
 
-    /// Logits (… × vocab) from final hidden states.
+    /// The ops a pass in `mode` runs (see [`Ops`]).
+    fn ops(&self, grad: bool) -> Ops {
+        Ops::new(self.kernels, grad, self.dtype(), self.device())
+    }
+
+    /// Logits (… × vocab) from final hidden states, with a backward pass to the hidden states.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::frozen_linear(hidden, &self.weights.lm_head, None)
+        self.ops(true).linear(hidden, &self.weights.lm_head, None)
     }
 
     /// [`Backbone::logits`] without a backward pass, by the packed LM head on f32 CPU: a quarter
     /// of a SmolLM2 decode step's weights, read at twice the speed at batch 4.
     pub fn logits_infer(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::frozen_linear_packed(hidden, &self.weights.lm_head, &self.weights.lm_head_packed)
+        let w = &self.weights;
+        self.ops(false)
+            .linear(hidden, &w.lm_head, Some(&w.lm_head_packed))
     }
 
     /// Run the decoder over a new [`Stream`]: its embeddings (B × L × d), attention mask for
@@ -353,344 +278,295 @@ impl Backbone {
             }
             None => mask.to_vec(),
         };
-        let (cos, sin) = ops::rope_tables(positions, &c.inv_freq())?;
         if let Some(cache) = cache.as_deref_mut() {
             if !mode.grad() {
                 cache.reserve(past + l)?;
             }
         }
-        let mut h = x.clone();
-        if !mode.grad() && ops::fused_infer_ok(x.dtype(), x.device()) {
-            // Fused f32 CPU kernels: the mask is applied inside the attention kernel, and the
-            // rope tables are used as (B × L × hd/2) rows. Masked inputs (padding, finished rows,
-            // the latent slots of rows that insert no memory) are packed away: only real rows go
-            // through the projections and the MLP; they are spread out again around attention.
-            let half = c.head_dim / 2;
-            let packing = Packing::new(mask, x.device())?;
-            let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
-            let (cos, sin) = match &packing {
-                Some(p) => (p.pack(&cos)?, p.pack(&sin)?),
-                None => (cos, sin),
+        let ops = self.ops(mode.grad());
+        let h = {
+            // Masked inputs (padding, finished rows, the latent slots of rows that insert no
+            // memory) are packed away on the fast path: only real rows go through the
+            // projections and the MLP; attention spreads them out again.
+            let packing = ops.packing(mask, x.device())?;
+            let pack = |t: Tensor| match &packing {
+                Some(p) => p.pack(&t),
+                None => Ok(t),
             };
-            if let Some(p) = &packing {
-                h = p.pack(&h)?;
-            }
+            let (cos, sin) = ops::rope_tables(positions, &c.inv_freq())?;
+            let rope = (pack(cos)?, pack(sin)?);
+            let mut h = pack(x.clone())?;
+            let heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+            let pass = Pass {
+                ops,
+                rope,
+                attn: ops.attn_spec(heads, &full_mask, past, l, self.dtype(), x.device())?,
+                packing,
+            };
             for li in 0..c.num_hidden_layers {
-                h = self.block_infer(
-                    li,
-                    &h,
-                    &full_mask,
-                    past,
-                    &cos,
-                    &sin,
-                    cache.as_deref_mut(),
-                    packing.as_ref(),
-                )?;
+                h = self.block(li, &h, &pass, cache.as_deref_mut(), mode)?;
             }
-            if let Some(p) = &packing {
-                h = p.unpack(&h)?;
-            }
-        } else {
-            let bias = attention_bias(&full_mask, past, l, x.device())?.to_dtype(self.dtype())?;
-            for li in 0..c.num_hidden_layers {
-                h = self.block(li, &h, &bias, &cos, &sin, cache.as_deref_mut(), mode)?;
-            }
-        }
+            pass.unpack(&h)?
+        };
         if let Some(cache) = cache {
             cache.len += l;
             cache.mask = full_mask;
         }
-        self.norm(&h, &self.weights.norm, mode)
+        ops.rms_norm(&h, &self.weights.norm, c.rms_norm_eps)
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor, _mode: &Mode) -> candle_core::Result<Tensor> {
-        ops::rms_norm(x, w, self.config().rms_norm_eps)
+    /// One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each added to the residual
+    /// stream. With row packing, `x` holds only the real rows (1 × N × d), and so does the
+    /// result.
+    fn block(
+        &self,
+        li: usize,
+        x: &Tensor,
+        pass: &Pass,
+        cache: Option<&mut KvCache>,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let w = &self.weights.layers[li];
+        let (ops, eps) = (&pass.ops, self.config().rms_norm_eps);
+
+        let h = ops.rms_norm(x, &w.input_layernorm, eps)?;
+        let (q, k, v) = self.attention_inputs(li, &h, pass, mode)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(li, &k, &v, mode.grad())?,
+            None => (k, v),
+        };
+        let attn = pass.pack(&ops.attention(&q, &k, &v, &pass.attn)?)?;
+        let o = self.proj(
+            li,
+            Target::O,
+            &attn,
+            (&w.o_proj, Some(&w.packed.o)),
+            ops,
+            mode,
+        )?;
+        let x = ops.residual(x, &o)?;
+
+        let h = ops.rms_norm(&x, &w.post_attention_layernorm, eps)?;
+        let act = if ops.stacked() {
+            ops.silu_mul_rows(&self.gate_up(li, &h, ops, mode)?)?
+        } else {
+            let gate = self.proj(li, Target::Gate, &h, (&w.gate_proj, None), ops, mode)?;
+            let up = self.proj(li, Target::Up, &h, (&w.up_proj, None), ops, mode)?;
+            ops.silu_mul(&gate, &up)?
+        };
+        let down = self.proj(
+            li,
+            Target::Down,
+            &act,
+            (&w.down_proj, Some(&w.packed.down)),
+            ops,
+            mode,
+        )?;
+        ops.residual(&x, &down)
     }
 
-    /// A frozen projection plus its LoRA adapter, if any.
+    /// The attention's inputs from the normed input `h`: the queries, and k and v as heads
+    /// (B × KV × L × hd) over the full (B × L) layout (the cache keeps every slot). Qwen3
+    /// normalises each q and k head before the rotation; NoPE layers (SmolLM3) leave q and k
+    /// unrotated.
+    fn attention_inputs(
+        &self,
+        li: usize,
+        h: &Tensor,
+        pass: &Pass,
+        mode: &mut Mode,
+    ) -> candle_core::Result<(Queries, Tensor, Tensor)> {
+        let c = self.config();
+        let w = &self.weights.layers[li];
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (ops, eps) = (&pass.ops, c.rms_norm_eps);
+        let (cos, sin) = &pass.rope;
+        if ops.stacked() {
+            // Rows `[q | k | v]` by one product, normed and rotated in place.
+            let qkv = self.qkv(li, h, ops, mode)?;
+            let qkv = match (&w.q_norm, &w.k_norm) {
+                (Some(qn), Some(kn)) => ops.qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, eps)?,
+                _ => qkv,
+            };
+            let qkv = if c.uses_rope(li) {
+                ops.rope_rows(&qkv, cos, sin, nh + nkv, hd)?
+            } else {
+                qkv
+            };
+            let qkv = pass.unpack(&qkv)?;
+            let k = ops.take_heads(&qkv, nh, nkv, hd)?;
+            let v = ops.take_heads(&qkv, nh + nkv, nkv, hd)?;
+            return Ok((Queries::Rows(qkv), k, v));
+        }
+        // One product per projection, each split into heads once.
+        let rope = c.uses_rope(li).then_some((cos, sin));
+        let q = self.part(li, h, (Target::Q, &w.q_proj, w.q_bias.as_ref()), ops, mode)?;
+        let k = self.part(li, h, (Target::K, &w.k_proj, w.k_bias.as_ref()), ops, mode)?;
+        let v = self.part(li, h, (Target::V, &w.v_proj, w.v_bias.as_ref()), ops, mode)?;
+        let q = ops.heads(&q, nh, hd, w.q_norm.as_ref().map(|n| (n, eps)), rope)?;
+        let k = ops.heads(&k, nkv, hd, w.k_norm.as_ref().map(|n| (n, eps)), rope)?;
+        let v = ops.heads(&v, nkv, hd, None, None)?;
+        Ok((Queries::Heads(q), k, v))
+    }
+
+    /// Rows `[q | k | v]` of layer `li` from the normed input `h`.
+    fn qkv(
+        &self,
+        li: usize,
+        h: &Tensor,
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let w = &self.weights.layers[li];
+        let stack = w.qkv_proj.as_ref();
+        let stack = stack.map(|s| (s, w.qkv_bias.as_ref(), &w.packed.qkv));
+        let parts = [
+            (Target::Q, &w.q_proj, w.q_bias.as_ref()),
+            (Target::K, &w.k_proj, w.k_bias.as_ref()),
+            (Target::V, &w.v_proj, w.v_bias.as_ref()),
+        ];
+        self.side_by_side(li, h, stack, &parts, ops, mode)
+    }
+
+    /// Rows `[gate | up]` of layer `li` from the normed input `h`.
+    fn gate_up(
+        &self,
+        li: usize,
+        h: &Tensor,
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let w = &self.weights.layers[li];
+        let stack = w
+            .gate_up_proj
+            .as_ref()
+            .map(|s| (s, None, &w.packed.gate_up));
+        let parts = [
+            (Target::Gate, &w.gate_proj, None),
+            (Target::Up, &w.up_proj, None),
+        ];
+        self.side_by_side(li, h, stack, &parts, ops, mode)
+    }
+
+    /// The projections `parts` (target, weight, bias) of layer `li`, their outputs side by side:
+    /// one product by the stacked weight `stack` (weight, bias, packed copy) where the loader
+    /// stacked them, with each LoRA update added to its columns; else one product each.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn side_by_side(
+        &self,
+        li: usize,
+        h: &Tensor,
+        stack: Option<(&Tensor, Option<&Tensor>, &OnceLock<PackedWeight>)>,
+        parts: &[(Target, &Tensor, Option<&Tensor>)],
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let Some((w, bias, packed)) = stack else {
+            let mut ys = Vec::with_capacity(parts.len());
+            for &part in parts {
+                ys.push(self.part(li, h, part, ops, mode)?);
+            }
+            return Tensor::cat(&ys, D::Minus1);
+        };
+        let y = self.add_bias(ops.linear(h, w, Some(packed))?, bias, ops)?;
+        let mut targets = Vec::with_capacity(parts.len());
+        let mut col = 0;
+        for &(t, w, _) in parts {
+            targets.push((t, col));
+            col += w.dim(0)?;
+        }
+        self.add_lora(li, y, h, &targets, ops, mode)
+    }
+
+    /// One projection `(target, weight, bias)` of layer `li` from `h`, plus its LoRA update.
+    fn part(
+        &self,
+        li: usize,
+        h: &Tensor,
+        (t, w, b): (Target, &Tensor, Option<&Tensor>),
+        ops: &Ops,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.add_bias(ops.linear(h, w, None)?, b, ops)?;
+        self.add_lora(li, y, h, &[(t, 0)], ops, mode)
+    }
+
+    fn add_bias(&self, y: Tensor, b: Option<&Tensor>, ops: &Ops) -> candle_core::Result<Tensor> {
+        match b {
+            Some(b) => ops.bias(&y, b),
+            None => Ok(y),
+        }
+    }
+
+    /// A frozen projection `(w, its packed copy)` of target `t` plus its LoRA adapter, if any.
     fn proj(
         &self,
         li: usize,
         t: Target,
         x: &Tensor,
-        w: &Tensor,
-        bias: Option<&Tensor>,
+        (w, packed): (&Tensor, Option<&OnceLock<PackedWeight>>),
+        ops: &Ops,
         mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
-        let y = if mode.grad() {
-            ops::frozen_linear(x, w, bias)?
-        } else {
-            ops::frozen_linear_infer(x, w, bias)?
-        };
-        match self.lora_delta(li, t, x, mode)? {
-            Some(d) => y + d,
-            None => Ok(y),
-        }
+        let y = ops.linear(x, w, packed)?;
+        self.add_lora(li, y, x, &[(t, 0)], ops, mode)
     }
 
-    /// The LoRA update `dropout(x) Aᵀ · scale · Bᵀ` of target `t` in layer `li`, shaped like
-    /// the projection's output (None where no adapter sits).
-    fn lora_delta(
-        &self,
-        li: usize,
-        t: Target,
-        x: &Tensor,
-        mode: &mut Mode,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let Some(lora) = self.lora.get(li, t) else {
-            return Ok(None);
-        };
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap();
-        let n = x.elem_count() / k;
-        let mut x2 = x.contiguous()?.reshape((n, k))?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = lora.b.dim(0)?;
-        if let Mode::Train(rng) = mode {
-            if lora.dropout > 0.0 {
-                let keep = 1.0 - lora.dropout;
-                let m: Vec<f32> = (0..n * k)
-                    .map(|_| {
-                        if rng.random::<f64>() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let m = Tensor::from_vec(m, (n, k), x.device())?.to_dtype(x.dtype())?;
-                x2 = ops::const_mul(&x2, &m)?;
-            }
-        }
-        let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-        let bm = lora.b.as_tensor().to_dtype(x.dtype())?;
-        // Scale the rank-r product, not the full-width one: same result, a smaller saved tensor.
-        let delta = (x2.matmul(&a.t()?)? * lora.scale)?.matmul(&bm.t()?)?;
-        Ok(Some(delta.reshape(out)?))
-    }
-
-    /// One decoder block in `Mode::Infer` on f32 CPU tensors: fused q/k/v and gate/up matmuls,
-    /// and fused rope, attention, SwiGLU and residual kernels (see `ops`). Same function as
-    /// [`Backbone::block`], with fewer passes over memory and no thread-pool round trips for
-    /// small elementwise ops. With `packing`, `x` holds only the real rows (1 × N × d) and so
-    /// does the result.
-    #[allow(clippy::too_many_arguments)]
-    fn block_infer(
-        &self,
-        li: usize,
-        x: &Tensor,
-        full_mask: &[Vec<u8>],
-        past: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: Option<&mut KvCache>,
-        packing: Option<&Packing>,
-    ) -> candle_core::Result<Tensor> {
-        let c = self.config();
-        let w = &self.weights.layers[li];
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let mode = &mut Mode::Infer;
-
-        let h = self.norm(x, &w.input_layernorm, mode)?;
-        // The fused product serves LoRA'd projections too: their updates are added to their
-        // columns afterwards (one pass over the weights instead of three).
-        let qkv = match &w.qkv_proj {
-            Some(wqkv) => {
-                let y = ops::frozen_linear_packed(&h, wqkv, &w.packed.qkv)?;
-                let y = match &w.qkv_bias {
-                    Some(b) => ops::add_infer(&y, b)?,
-                    None => y,
-                };
-                let (nq, nk) = (w.q_proj.dim(0)?, w.k_proj.dim(0)?);
-                self.add_lora_infer(
-                    li,
-                    y,
-                    &h,
-                    &[(Target::Q, 0), (Target::K, nq), (Target::V, nq + nk)],
-                )?
-            }
-            None => {
-                let q = self.proj_infer(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref())?;
-                let k = self.proj_infer(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref())?;
-                let v = self.proj_infer(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref())?;
-                Tensor::cat(&[q, k, v], D::Minus1)?
-            }
-        };
-        // Qwen3 normalises each q and k head before the rotation.
-        let qkv = match (&w.q_norm, &w.k_norm) {
-            (Some(qn), Some(kn)) => ops::qk_norm_rows(&qkv, qn, kn, nh, nkv, hd, c.rms_norm_eps)?,
-            _ => qkv,
-        };
-        // Rows [q heads | k heads | v heads], with rope applied to the q and k heads (NoPE layers
-        // leave them as they are).
-        let rows = if c.uses_rope(li) {
-            ops::rope_rows_infer(&qkv, cos, sin, nh + nkv, hd)?
-        } else {
-            qkv
-        };
-        // Attention works on the full (B × L) layout: the cache keeps every slot.
-        let rows = match packing {
-            Some(p) => p.unpack(&rows)?,
-            None => rows,
-        };
-        let k = ops::take_heads_infer(&rows, nh, nkv, hd)?;
-        let v = ops::take_heads_infer(&rows, nh + nkv, nkv, hd)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(li, &k, &v, false)?,
-            None => (k, v),
-        };
-        let attn = rows.apply_op3_no_bwd(
-            &k,
-            &v,
-            &ops::Attention {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                past,
-                mask: full_mask,
-            },
-        )?;
-        let attn = match packing {
-            Some(p) => p.pack(&attn)?,
-            None => attn,
-        };
-        let o = self.proj_packed(li, Target::O, &attn, &w.o_proj, &w.packed.o)?;
-        let x = ops::add_infer(x, &o)?;
-
-        let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
-        let gate_up = match &w.gate_up_proj {
-            Some(wgu) => {
-                let y = ops::frozen_linear_packed(&h, wgu, &w.packed.gate_up)?;
-                let ng = w.gate_proj.dim(0)?;
-                self.add_lora_infer(li, y, &h, &[(Target::Gate, 0), (Target::Up, ng)])?
-            }
-            None => {
-                let gate = self.proj_infer(li, Target::Gate, &h, &w.gate_proj, None)?;
-                let up = self.proj_infer(li, Target::Up, &h, &w.up_proj, None)?;
-                Tensor::cat(&[gate, up], D::Minus1)?
-            }
-        };
-        let act = ops::silu_mul_infer(&gate_up)?;
-        let down = self.proj_packed(li, Target::Down, &act, &w.down_proj, &w.packed.down)?;
-        ops::add_infer(&x, &down)
-    }
-
-    /// [`Backbone::proj`] for `Mode::Infer` by the packed copy of `w` in `cell` (for many rows).
-    fn proj_packed(
-        &self,
-        li: usize,
-        t: Target,
-        x: &Tensor,
-        w: &Tensor,
-        cell: &std::sync::OnceLock<crate::backbone::packed::PackedWeight>,
-    ) -> candle_core::Result<Tensor> {
-        let y = ops::frozen_linear_packed(x, w, cell)?;
-        self.add_lora_infer(li, y, x, &[(t, 0)])
-    }
-
-    /// `y` plus the updates of the adapters on `targets` (each at its column in `y`), computed
-    /// from the projections' input `x`. Inference only.
-    fn add_lora_infer(
+    /// `y` plus the updates `dropout(x) Aᵀ · scale · Bᵀ` of the adapters on `targets` (each at its
+    /// column in `y`), computed from the projections' input `x`. Dropout only in `Mode::Train`.
+    fn add_lora(
         &self,
         li: usize,
         y: Tensor,
         x: &Tensor,
         targets: &[(Target, usize)],
+        ops: &Ops,
+        mode: &mut Mode,
     ) -> candle_core::Result<Tensor> {
-        let updates: Vec<ops::LoraUpdate> = targets
+        let updates: Vec<LoraUpdate> = targets
             .iter()
             .filter_map(|&(t, col)| {
-                self.lora.get(li, t).map(|l| ops::LoraUpdate {
+                self.lora.get(li, t).map(|l| LoraUpdate {
                     a: l.a.as_tensor(),
                     b: l.b.as_tensor(),
-                    scale: l.scale as f32,
+                    scale: l.scale,
+                    dropout: l.dropout,
                     col,
                 })
             })
             .collect();
-        ops::lora_add_infer(&y, x, &updates)
+        let rng = match mode {
+            Mode::Train(rng) => Some(&mut **rng),
+            _ => None,
+        };
+        ops.lora_add(y, x, &updates, rng)
     }
+}
 
-    /// [`Backbone::proj`] for `Mode::Infer`, adding the bias with the fused kernel.
-    fn proj_infer(
-        &self,
-        li: usize,
-        t: Target,
-        x: &Tensor,
-        w: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let y = self.proj(li, t, x, w, None, &mut Mode::Infer)?;
-        match bias {
-            Some(b) => ops::add_infer(&y, b),
-            None => Ok(y),
+/// What every block of one forward shares: the ops, the rope tables (cos, sin: B × L × hd/2,
+/// packed like the rows), the attention spec, and the row packing (fast path only).
+struct Pass<'a> {
+    ops: Ops,
+    rope: (Tensor, Tensor),
+    attn: AttnSpec<'a>,
+    packing: Option<Packing>,
+}
+
+impl Pass<'_> {
+    /// (B × L × w) → the rows the row-wise ops run on.
+    fn pack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.packing {
+            Some(p) => p.pack(x),
+            None => Ok(x.clone()),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        li: usize,
-        x: &Tensor,
-        bias: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: Option<&mut KvCache>,
-        mode: &mut Mode,
-    ) -> candle_core::Result<Tensor> {
-        let c = self.config();
-        let w = &self.weights.layers[li];
-        let (b, l, _) = x.dims3()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let rep = nh / nkv;
-
-        let h = self.norm(x, &w.input_layernorm, mode)?;
-        let q = self.proj(li, Target::Q, &h, &w.q_proj, w.q_bias.as_ref(), mode)?;
-        let k = self.proj(li, Target::K, &h, &w.k_proj, w.k_bias.as_ref(), mode)?;
-        let v = self.proj(li, Target::V, &h, &w.v_proj, w.v_bias.as_ref(), mode)?;
-        let (q, k) = (q.reshape((b, l, nh, hd))?, k.reshape((b, l, nkv, hd))?);
-        let (q, k) = match (&w.q_norm, &w.k_norm) {
-            (Some(qn), Some(kn)) => (
-                ops::rms_norm(&q, qn, c.rms_norm_eps)?,
-                ops::rms_norm(&k, kn, c.rms_norm_eps)?,
-            ),
-            _ => (q, k),
-        };
-        let q = q.transpose(1, 2)?;
-        let k = k.transpose(1, 2)?;
-        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (q, k) = if c.uses_rope(li) {
-            (
-                ops::apply_rope(&q, cos, sin)?,
-                ops::apply_rope(&k, cos, sin)?,
-            )
-        } else {
-            (q.contiguous()?, k.contiguous()?)
-        };
-        let (k, v) = match cache {
-            Some(cache) => cache.append(li, &k, &v, mode.grad())?,
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        // Grouped-query attention without copying k/v: the `rep` query heads that share a kv head
-        // are stacked along the row axis (head h uses kv head h / rep, as HF's repeat_kv does).
-        let q = q.contiguous()?.reshape((b, nkv, rep * l, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, l, t))?;
-        let probs = ops::masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), bias)?;
-        let attn = probs.reshape((b, nkv, rep * l, t))?.matmul(&v)?;
-        let attn = attn
-            .reshape((b, nh, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?;
-        let o = self.proj(li, Target::O, &attn, &w.o_proj, None, mode)?;
-        let x = (x + o)?;
-
-        let h = self.norm(&x, &w.post_attention_layernorm, mode)?;
-        let gate = self.proj(li, Target::Gate, &h, &w.gate_proj, None, mode)?;
-        let up = self.proj(li, Target::Up, &h, &w.up_proj, None, mode)?;
-        let act = ops::silu_mul(&gate, &up)?;
-        let down = self.proj(li, Target::Down, &act, &w.down_proj, None, mode)?;
-        x + down
+    /// The inverse of [`Pass::pack`], zeros in the masked slots.
+    fn unpack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.packing {
+            Some(p) => p.unpack(x),
+            None => Ok(x.clone()),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, Config, RopeScaling};
-use super::packed::PackedWeight;
+use super::kernels::PackedWeight;
 use super::BackboneError;
 
 /// One decoder block's frozen tensors, in Hugging Face layout (out × in).

@@ -23,6 +23,10 @@ pub(crate) struct Cli {
     /// on this node).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// CPU kernels: fused (default), fused-unpacked (no packed weight copies: less memory,
+    /// slower decoding; also MEMGEN_PACKED_WEIGHTS=0) or generic (the Candle ops other devices run).
+    #[arg(long, global = true)]
+    pub kernels: Option<crate::backbone::Kernels>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -87,6 +91,7 @@ pub fn main() -> i32 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
+    crate::backbone::Kernels::set_default(kernels_setting(cli.kernels));
     init_tracing();
     match run(cli) {
         Ok(()) => 0,
@@ -100,6 +105,15 @@ pub fn main() -> i32 {
         }
         Err(e) => fail_every_rank(&e),
     }
+}
+
+/// `--kernels`, else the older switch `MEMGEN_PACKED_WEIGHTS=0` (read here, once), else fused.
+fn kernels_setting(flag: Option<crate::backbone::Kernels>) -> crate::backbone::Kernels {
+    use crate::backbone::Kernels;
+    flag.unwrap_or_else(|| match std::env::var("MEMGEN_PACKED_WEIGHTS") {
+        Ok(v) if v.trim() == "0" => Kernels::FusedUnpacked,
+        _ => Kernels::Fused,
+    })
 }
 
 /// Print an error and exit 1; under MPI, end every rank (they may be waiting for this one in a

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::kernels::{threads, Out, PAR_WORK};
+use super::{threads, KernelError, Out, PAR_WORK};
 
 /// Outputs per panel: two 16-lane AVX-512 vectors.
 pub const NR: usize = 32;
@@ -68,13 +68,20 @@ impl PackedWeight {
     }
 
     /// `x (n × k) · wᵀ` → n × m, row-major.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        self.matmul_with(x, n, mr())
+    pub(crate) fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>, KernelError> {
+        if x.len() != n * self.k {
+            return Err(KernelError::shape(
+                "packed-matmul",
+                format!("{} input values for {n} × {}", x.len(), self.k),
+            ));
+        }
+        Ok(self.matmul_with(x, n, mr()))
     }
 
+    /// [`PackedWeight::matmul`] by the kernel for `mr`-row tiles (one this CPU runs; the tests
+    /// pick each in turn). `x` holds n·k values.
     fn matmul_with(&self, x: &[f32], n: usize, mr: usize) -> Vec<f32> {
         let (m, k) = (self.m, self.k);
-        assert_eq!(x.len(), n * k, "PackedWeight::matmul: input is not n × k");
         let mut y = vec![0f32; n * m];
         if n == 0 || m == 0 {
             return y;
@@ -99,7 +106,9 @@ impl PackedWeight {
             let cols = NR.min(m - p * NR);
             for &(i0, rows) in &blocks {
                 let ab = &a[i0 * k..(i0 + rows) * k];
-                // SAFETY: this task writes only columns p·NR..p·NR+cols of rows i0..i0+rows.
+                // SAFETY: `ab` is k × rows, `panel` k × NR, and the output block starts inside y
+                // (n × m) with `rows` rows of `cols` columns left; this task writes only columns
+                // p·NR..p·NR+cols of rows i0..i0+rows, and `mr` names a kernel this CPU runs.
                 unsafe {
                     tile(
                         ab,
@@ -126,6 +135,11 @@ impl PackedWeight {
 }
 
 /// One `rows × cols` tile: `c[r][j] = Σ_kk a[kk][r] · b[kk][j]`, a being `k × rows` and b a panel.
+///
+/// # Safety
+/// `a` holds k·rows values, `b` k·NR, `rows ≤ mr`, `cols ≤ NR`, `c` points to `rows` rows (stride
+/// `ldc`) of `cols` writable floats no other thread touches, and `mr` is 4 or a kernel this CPU
+/// runs (12: AVX-512F, 6: AVX2 and FMA).
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     a: &[f32],
@@ -166,7 +180,67 @@ mod x86 {
     use super::NR;
     use std::arch::x86_64::*;
 
+    /// The panel micro-kernel, once for each vector width: `R` input rows × two vectors of
+    /// columns, accumulated over `k` in registers, then stored by `$store` (which handles a
+    /// ragged last panel). AVX-512 covers a whole 32-column panel; AVX2 one 16-column half.
+    macro_rules! panel_kernel {
+        ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $set1:ident,
+         $fma:ident, $store:ident) => {
+            /// # Safety
+            #[doc = concat!("The CPU must support ", $feature, "; `a` holds k·R values (k × R), `b` ")]
+            /// a panel of k rows of NR, and `c` R rows (stride `ldc`) of `cols` writable floats.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn $name<const R: usize>(
+                a: *const f32,
+                b: *const f32,
+                k: usize,
+                c: *mut f32,
+                ldc: usize,
+                cols: usize,
+            ) {
+                let mut acc = [[$zero(); 2]; R];
+                for p in 0..k {
+                    let b0 = $load(b.add(p * NR));
+                    let b1 = $load(b.add(p * NR + $lanes));
+                    for (r, ar) in acc.iter_mut().enumerate() {
+                        let av = $set1(*a.add(p * R + r));
+                        ar[0] = $fma(av, b0, ar[0]);
+                        ar[1] = $fma(av, b1, ar[1]);
+                    }
+                }
+                for (r, ar) in acc.iter().enumerate() {
+                    $store(c.add(r * ldc), ar, cols);
+                }
+            }
+        };
+    }
+
+    panel_kernel!(
+        k512,
+        "avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        store512
+    );
+    panel_kernel!(
+        k256,
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        store256
+    );
+
     /// Up to 12 rows × 32 columns in 24 zmm accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; as [`super::tile`] with `rows ≤ 12`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile512(
         a: *const f32,
@@ -188,45 +262,11 @@ mod x86 {
         go!(1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn k512<const R: usize>(
-        a: *const f32,
-        b: *const f32,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for p in 0..k {
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-            for (r, ar) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(p * R + r));
-                ar[0] = _mm512_fmadd_ps(av, b0, ar[0]);
-                ar[1] = _mm512_fmadd_ps(av, b1, ar[1]);
-            }
-        }
-        let (m0, m1) = masks16(cols);
-        for (r, ar) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(r * ldc), m0, ar[0]);
-            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, ar[1]);
-        }
-    }
-
-    /// Store masks for the two 16-column halves of a panel with `cols` valid columns.
-    fn masks16(cols: usize) -> (u16, u16) {
-        let m = if cols >= NR {
-            u32::MAX
-        } else {
-            (1u32 << cols) - 1
-        };
-        (m as u16, (m >> 16) as u16)
-    }
-
     /// Up to 6 rows × 32 columns, as two 16-column halves of 12 ymm accumulators each (AVX2 has
     /// 16 registers).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; as [`super::tile`] with `rows ≤ 6`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile256(
         a: *const f32,
@@ -254,36 +294,37 @@ mod x86 {
         }
     }
 
+    /// Store one row's two zmm accumulators: the first `cols` of 32 columns, by masked stores.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `c` points to `cols` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store512(c: *mut f32, ar: &[__m512; 2], cols: usize) {
+        let m = if cols >= NR {
+            u32::MAX
+        } else {
+            (1u32 << cols) - 1
+        };
+        _mm512_mask_storeu_ps(c, m as u16, ar[0]);
+        _mm512_mask_storeu_ps(c.add(16), (m >> 16) as u16, ar[1]);
+    }
+
+    /// Store one row's two ymm accumulators: the first `cols` of 16 columns.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `c` points to `cols` writable floats.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn k256<const R: usize>(
-        a: *const f32,
-        b: *const f32,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for p in 0..k {
-            let b0 = _mm256_loadu_ps(b.add(p * NR));
-            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
-            for (r, ar) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(p * R + r));
-                ar[0] = _mm256_fmadd_ps(av, b0, ar[0]);
-                ar[1] = _mm256_fmadd_ps(av, b1, ar[1]);
-            }
-        }
-        for (r, ar) in acc.iter().enumerate() {
-            if cols == 16 {
-                _mm256_storeu_ps(c.add(r * ldc), ar[0]);
-                _mm256_storeu_ps(c.add(r * ldc + 8), ar[1]);
-            } else {
-                let mut t = [0f32; 16];
-                _mm256_storeu_ps(t.as_mut_ptr(), ar[0]);
-                _mm256_storeu_ps(t.as_mut_ptr().add(8), ar[1]);
-                std::ptr::copy_nonoverlapping(t.as_ptr(), c.add(r * ldc), cols);
-            }
+    unsafe fn store256(c: *mut f32, ar: &[__m256; 2], cols: usize) {
+        if cols == 16 {
+            _mm256_storeu_ps(c, ar[0]);
+            _mm256_storeu_ps(c.add(8), ar[1]);
+        } else {
+            let mut t = [0f32; 16];
+            _mm256_storeu_ps(t.as_mut_ptr(), ar[0]);
+            _mm256_storeu_ps(t.as_mut_ptr().add(8), ar[1]);
+            std::ptr::copy_nonoverlapping(t.as_ptr(), c, cols);
         }
     }
 }
@@ -347,6 +388,8 @@ mod tests {
         }
         // No rows: an empty result, not a panic.
         let p = PackedWeight::pack(&[1.0; 6], 2, 3);
-        assert!(p.matmul(&[], 0).is_empty());
+        assert!(p.matmul(&[], 0).unwrap().is_empty());
+        // An input of the wrong width is an error, not a read past the slice.
+        assert!(p.matmul(&[1.0; 4], 1).is_err());
     }
 }
