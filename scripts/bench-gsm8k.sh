@@ -101,7 +101,8 @@ train() {
 # The validation curve of a training run: one line per evaluation.
 curve() {
   grep '"eval_loss"' "$1/metrics.jsonl" 2>/dev/null \
-    | sed -n 's/.*"eval_loss":\([^,}]*\).*"step":\([0-9]*\).*/  step \2: validation loss \1/p' || true
+    | sed -n 's/.*"eval_loss":\([^,}]*\).*"step":\([0-9]*\).*/\2 \1/p' \
+    | while read -r step loss; do printf '  step %s: validation loss %.4f\n' "$step" "$loss"; done || true
 }
 
 echo "# load before: $(uptime)"
