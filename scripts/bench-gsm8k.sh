@@ -65,13 +65,14 @@ field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p"; }
 num() { [ -n "$2" ] && printf "$1" "$2" || echo -; }
 lines=()
 
-# One eval phase: $1 label, $2 output dir, then memgen's model arguments.
+# One eval phase: $1 label, $2 output dir, then memgen's model arguments (which may add their own
+# `--options`: memgen appends repeated ones).
 evaluate() {
   local label=$1 dir=$2; shift 2
   echo "== eval: $label, first $ROWS test rows → $dir =="
   local line
   line=$("$bin" eval --config "$CONFIG" "${threads[@]}" --output-dir "$dir" --max-samples "$ROWS" \
-    --batch-size "$BATCH" "$@" --options "${common[@]}" "${gen[@]}" ${extra_eval[@]+"${extra_eval[@]}"} | tail -1)
+    --batch-size "$BATCH" "$@" --options "${common[@]}" "${gen[@]}" | tail -1)
   # Each sitting's metrics line is kept, so speed and wall time cover every sitting of the phase.
   echo "$line" >> "$dir/sittings.jsonl"
   local wall tokens
@@ -106,7 +107,6 @@ curve() {
 }
 
 echo "# load before: $(uptime)"
-extra_eval=()
 if has sft; then
   train weaver-train "$OUT/sft" "$OUT/sft/weaver" --options "${common[@]}" ${sft_opts[@]+"${sft_opts[@]}"}
   curve "$OUT/sft"
@@ -121,8 +121,8 @@ if has trigger && [ "$TRIGGER_STEPS" != 0 ]; then
   [ "$TRIGGER_STEPS" = epochs ] || trigger_opts+=(run.trigger.grpo.max_steps "$TRIGGER_STEPS")
   train trigger-train "$OUT/trigger" "$OUT/trigger/trigger" --load-model-path "$OUT/sft/weaver" \
     --options "${common[@]}" ${trigger_opts[@]+"${trigger_opts[@]}"}
-  extra_eval=(model.trigger.active true)
-  evaluate "weaver + GRPO trigger" "$OUT/trigger-eval" --load-model-path "$OUT/trigger/trigger"
+  evaluate "weaver + GRPO trigger" "$OUT/trigger-eval" --load-model-path "$OUT/trigger/trigger" \
+    --options model.trigger.active true
 fi
 echo "# load after: $(uptime)"
 if [ ${#lines[@]} -gt 0 ]; then
