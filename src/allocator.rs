@@ -2,9 +2,9 @@
 //!
 //! Candle gives every op's output a fresh buffer, and a training step frees and reallocates
 //! hundreds of buffers of tens of MB (MLP activations, attention scores). glibc's mmap threshold
-//! starts at 128 KiB and only adapts upwards as mapped blocks are freed, so early and
-//! irregularly sized buffers go through `mmap`/`munmap` and are faulted in and zeroed by the
-//! kernel page by page again on every op.
+//! starts at 128 KiB and only adapts upwards as mapped blocks are freed, never past 32 MiB, so
+//! early buffers and every buffer above 32 MiB go through `mmap`/`munmap` and are faulted in and
+//! zeroed by the kernel page by page again on every op.
 //!
 //! A fixed 256 MiB threshold and no trimming serve every buffer below that size from the heap,
 //! whose freed pages stay mapped for the next op; only the rare larger blocks (the answer tokens'
