@@ -17,8 +17,10 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static ABORT: AtomicI32 = AtomicI32::new(0);
 /// How many critical sections are open.
 static CRITICAL: AtomicUsize = AtomicUsize::new(0);
-/// What the first signal announces (a `&'static str`, read by the handler).
-static NOTE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+/// The whole announcement of a first SIGINT and of a first SIGTERM, built once at [`install`] so
+/// the handler writes each in one write(2): under mpirun the ranks' stderr are merged, and a
+/// message written in pieces interleaves with another rank's.
+static ANNOUNCE: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
 
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
@@ -69,10 +71,23 @@ pub fn exit_code_of(e: &anyhow::Error) -> i32 {
 /// Install the handlers for SIGINT and SIGTERM (the first call wins; later calls do nothing).
 /// `note` is printed when the first signal arrives, after "memgen: SIGTERM received: ".
 pub fn install(note: &'static str) {
-    if NOTE.set(note).is_err() {
+    let announce = [SIGINT, SIGTERM].map(|sig| {
+        format!(
+            "\nmemgen: {} received: {note} (send it again to abort at once)\n",
+            name(sig)
+        )
+    });
+    if ANNOUNCE.set(announce).is_err() {
         return;
     }
     imp::install();
+}
+
+/// Write `text` to stderr in one write(2) call. `eprintln!` with arguments writes each piece
+/// separately, and under mpirun two ranks' pieces interleave into garbled lines.
+fn write_whole(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// While the returned guard lives, a second signal does not kill the process; it exits when the
@@ -105,7 +120,7 @@ pub fn pause_for_test(point: usize) {
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
     if at == Some(point) {
-        eprintln!("paused at step {point} (MEMGEN_PAUSE_AT_STEP)");
+        write_whole(&format!("paused at step {point} (MEMGEN_PAUSE_AT_STEP)\n"));
         while requested().is_none() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -126,11 +141,11 @@ mod imp {
     /// Runs in signal context: only atomics, write(2) and _exit(2), all async-signal-safe.
     extern "C" fn on_signal(sig: libc::c_int) {
         if SIGNAL.compare_exchange(0, sig, SeqCst, SeqCst).is_ok() {
-            write_stderr("\nmemgen: ");
-            write_stderr(name(sig));
-            write_stderr(" received: ");
-            write_stderr(NOTE.get().copied().unwrap_or(""));
-            write_stderr(" (send it again to abort at once)\n");
+            // The handler is installed only after ANNOUNCE is set, so this reads a value that no
+            // longer changes (OnceLock::get is a load, no allocation or lock).
+            if let Some(announce) = ANNOUNCE.get() {
+                write_stderr(&announce[usize::from(sig == libc::SIGTERM)]);
+            }
             return;
         }
         ABORT.store(sig, SeqCst);
@@ -166,10 +181,9 @@ mod imp {
     pub(super) fn install() {
         let _ = ctrlc::set_handler(|| {
             if SIGNAL.compare_exchange(0, SIGINT, SeqCst, SeqCst).is_ok() {
-                eprintln!(
-                    "\nmemgen: interrupt received: {} (send it again to abort at once)",
-                    NOTE.get().copied().unwrap_or("")
-                );
+                if let Some(announce) = ANNOUNCE.get() {
+                    write_whole(&announce[0]);
+                }
                 return;
             }
             ABORT.store(SIGINT, SeqCst);

@@ -50,10 +50,11 @@ fn setup() -> Setup {
 }
 
 /// `mpirun` for the tests: as root when need be, more ranks than cores allowed, shared memory
-/// between the ranks of this one machine.
+/// between the ranks of this one machine, no stdin to forward.
 fn mpirun() -> Command {
     let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    c.stdin(std::process::Stdio::null())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env_remove("MEMGEN_PAUSE_AT_STEP")
         .args([
@@ -102,8 +103,70 @@ impl Setup {
     }
 }
 
-fn ok(mut c: Command) -> Output {
-    let o = c.output().expect("running memgen");
+/// How long any one launch may take before the test kills it and fails. The runs take seconds;
+/// a hang (ranks waiting for each other) must fail the test with its output, not stall CI.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// Kills the process `pid` and its children (mpirun's ranks) with SIGKILL if it is still running
+/// at [`DEADLINE`]; dropping it first disarms it.
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn arm(pid: u32) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        let (done, fired) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (d, f) = (done.clone(), fired.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while t.elapsed() < DEADLINE {
+                if d.load(SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            f.store(true, SeqCst);
+            for p in children(pid).into_iter().chain([pid as i32]) {
+                // SAFETY: kill(2) on processes this test started and has not reaped (mpirun is
+                // reaped only by the test's wait, which has not returned: `done` is unset).
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        });
+        Watchdog { done, fired }
+    }
+
+    /// Disarm; panics if the watchdog had to kill the launch.
+    fn disarm(self, output: &str) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.done.store(true, SeqCst);
+        assert!(
+            !self.fired.load(SeqCst),
+            "killed after {DEADLINE:?}: {output}"
+        );
+    }
+}
+
+/// Run `c` to the end (at most [`DEADLINE`]) and return its output.
+fn run(mut c: Command) -> Output {
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running memgen");
+    let dog = Watchdog::arm(child.id());
+    let o = child.wait_with_output().expect("running memgen");
+    dog.disarm(&stderr(&o));
+    o
+}
+
+fn ok(c: Command) -> Output {
+    let o = run(c);
     assert!(o.status.success(), "failed: {}", stderr(&o));
     o
 }
@@ -234,7 +297,7 @@ fn a_failure_on_one_rank_ends_every_rank() {
         .args(["--threads", "1", "eval", "--allow-untrained", "--config"])
         .arg(s.work.path().join("missing.yaml"));
     let t = Instant::now();
-    let o = c.output().unwrap();
+    let o = run(c);
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     assert!(
@@ -376,12 +439,17 @@ fn a_two_rank_run_stopped_by_sigterm_resumes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let dog = Watchdog::arm(child.id());
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut err = String::new();
-    let mut paused = 0;
-    while paused < 2 {
-        let line = lines.next().expect("both ranks pause at step 1").unwrap();
-        paused += usize::from(line.contains("paused at step 1"));
+    while err
+        .matches("paused at step 1 (MEMGEN_PAUSE_AT_STEP)\n")
+        .count()
+        < 2
+    {
+        let Some(Ok(line)) = lines.next() else {
+            panic!("both ranks should pause at step 1: {err}");
+        };
         err.push_str(&line);
         err.push('\n');
     }
@@ -400,6 +468,7 @@ fn a_two_rank_run_stopped_by_sigterm_resumes() {
         err.push('\n');
     }
     let status = child.wait().unwrap();
+    dog.disarm(&err);
     assert!(!status.success(), "{err}");
     assert!(t.elapsed() < Duration::from_secs(60), "{err}");
     assert_eq!(
