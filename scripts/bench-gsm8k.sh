@@ -18,6 +18,8 @@
 #   DATA [hub: the config's hf://openai/gsm8k]; a directory with train.jsonl and test.jsonl reads
 #        those instead and never touches the network, e.g. DATA=../shared/data/gsm8k
 #   PHASES ["sft vanilla weaver trigger"]: a subset runs only those (e.g. PHASES=sft)
+#   WEAVER [$OUT/sft/weaver]: the weaver the weaver and trigger phases use; another one (say a
+#          checkpoint, for accuracy along the curve) evaluates into $OUT/weaver-<its folder name>
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -32,6 +34,9 @@ BATCH="${BATCH:-8}"
 TRIGGER_STEPS="${TRIGGER_STEPS:-0}"
 DATA="${DATA:-hub}"
 PHASES="${PHASES:-sft vanilla weaver trigger}"
+WEAVER="${WEAVER:-$OUT/sft/weaver}"
+weaver_eval="$OUT/weaver"
+[ "$WEAVER" = "$OUT/sft/weaver" ] || weaver_eval="$OUT/weaver-$(basename "$WEAVER")"
 
 features=()
 if [ -n "${FEATURES:-}" ]; then
@@ -113,13 +118,13 @@ if has sft; then
 fi
 has vanilla && evaluate vanilla "$OUT/vanilla" --vanilla
 if has weaver; then
-  [ -f "$OUT/sft/weaver/model.safetensors" ] || { echo "error: no trained weaver in $OUT/sft/weaver (run PHASES=sft first)" >&2; exit 2; }
-  evaluate "weaver + nano trigger" "$OUT/weaver" --load-model-path "$OUT/sft/weaver"
+  [ -f "$WEAVER/model.safetensors" ] || { echo "error: no trained weaver in $WEAVER (run PHASES=sft first)" >&2; exit 2; }
+  evaluate "weaver + nano trigger" "$weaver_eval" --load-model-path "$WEAVER"
 fi
 if has trigger && [ "$TRIGGER_STEPS" != 0 ]; then
   trigger_opts=()
   [ "$TRIGGER_STEPS" = epochs ] || trigger_opts+=(run.trigger.grpo.max_steps "$TRIGGER_STEPS")
-  train trigger-train "$OUT/trigger" "$OUT/trigger/trigger" --load-model-path "$OUT/sft/weaver" \
+  train trigger-train "$OUT/trigger" "$OUT/trigger/trigger" --load-model-path "$WEAVER" \
     --options "${common[@]}" ${trigger_opts[@]+"${trigger_opts[@]}"}
   evaluate "weaver + GRPO trigger" "$OUT/trigger-eval" --load-model-path "$OUT/trigger/trigger" \
     --options model.trigger.active true
