@@ -85,7 +85,7 @@ pub fn install(note: &'static str) {
 
 /// Write `text` to stderr in one write(2) call. `eprintln!` with arguments writes each piece
 /// separately, and under mpirun two ranks' pieces interleave into garbled lines.
-fn write_whole(text: &str) {
+pub(crate) fn write_whole(text: &str) {
     use std::io::Write;
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }

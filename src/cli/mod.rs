@@ -129,14 +129,13 @@ fn fail_every_rank(e: &anyhow::Error) -> i32 {
     if !world.is_root() {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
-    // One write(2): mpirun merges the ranks' stderr, and eprintln! writes its pieces separately.
-    let line = format!(
+    // In one piece: mpirun merges the ranks' stderr.
+    crate::signals::write_whole(&format!(
         "error (rank {} of {}): {}\n",
         world.rank(),
         world.size(),
         one_line(e)
-    );
-    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    ));
     world.abort(1)
 }
 

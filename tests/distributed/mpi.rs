@@ -108,7 +108,8 @@ impl Setup {
 const DEADLINE: Duration = Duration::from_secs(240);
 
 /// Kills the process `pid` and its children (mpirun's ranks) with SIGKILL if it is still running
-/// at [`DEADLINE`]; dropping it first disarms it.
+/// at [`DEADLINE`]. [`Watchdog::disarm`] stops it and fails the test if it fired; dropping it (a
+/// test that panicked first) stops it too.
 struct Watchdog {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -133,8 +134,10 @@ impl Watchdog {
             }
             f.store(true, SeqCst);
             for p in children(pid).into_iter().chain([pid as i32]) {
-                // SAFETY: kill(2) on processes this test started and has not reaped (mpirun is
-                // reaped only by the test's wait, which has not returned: `done` is unset).
+                // SAFETY: kill(2) takes any pid. These are mpirun, which the test reaps only
+                // just before it disarms this watchdog, and mpirun's unreaped ranks; in that
+                // instant between reaping and disarming, Linux does not hand the pid to another
+                // process (pids are allocated in increasing order up to pid_max before reuse).
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
         });
@@ -149,6 +152,12 @@ impl Watchdog {
             !self.fired.load(SeqCst),
             "killed after {DEADLINE:?}: {output}"
         );
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
